@@ -1,0 +1,205 @@
+"""Export the Ministral 3 text decoder as ONNX: one graph for prefill and decode, KV cache in/out.
+
+Written from basic ops only (MatMul, Softmax, Cos/Sin, ReduceMean, ...) because TensorRT 10.3 on
+JetPack 6 lacks the opset-23 Attention / RotaryEmbedding / RMSNormalization ops. Each of the three
+is one function here (`_rms_norm`, `_rope`, `_attention`): the seam where a TensorRT plugin can
+replace it later.
+
+Linears come out in one of three forms, chosen by what the quantizer produced:
+- float: `MatMul(x, W^T)`;
+- INT4: `DequantizeLinear(int4 W^T, scales, axis=0, block_size)` -> `MatMul` (ONNX Runtime fuses
+  this into MatMulNBits; TensorRT into its INT4 weight-only GEMM);
+- FP8: `QuantizeLinear/DequantizeLinear(x)` in float8e4m3fn with the static input scale, and
+  `DequantizeLinear(fp8 W^T, weight_scale)` -> `MatMul`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from ..models.config import TextConfig
+from ..models.ministral3 import LINEARS
+from .onnx_builder import GraphBuilder, save
+
+NEG_INF = -1e9  # masked score; finite so no NaN appears in fp16 or on any backend
+
+
+def _np_dtype(dtype: str):
+    return {"float32": np.float32, "float16": np.float16}[dtype]
+
+
+def _int4_initializer(name: str, values: np.ndarray) -> TensorProto:
+    """ONNX INT4 tensor from int8 values in [-8, 7]: two per byte, first element in the low nibble."""
+    flat = values.astype(np.int8).ravel()
+    if flat.size % 2:
+        flat = np.append(flat, np.int8(0))
+    nibbles = (flat.astype(np.uint8) & 0x0F).reshape(-1, 2)
+    packed = (nibbles[:, 0] | (nibbles[:, 1] << 4)).astype(np.uint8)
+    return helper.make_tensor(name, TensorProto.INT4, values.shape, packed.tobytes(), raw=True)
+
+
+class DecoderGraph:
+    """Builds the decoder graph from a config and quantized weights (`tensors` + `linears`)."""
+
+    def __init__(self, cfg: TextConfig, tensors: Mapping[str, np.ndarray], linears: Mapping[str, object],
+                 dtype: str = "float32"):
+        self.cfg = cfg
+        self.tensors = tensors
+        self.linears = linears
+        self.dtype = dtype
+        self.onnx_dtype = TensorProto.FLOAT if dtype == "float32" else TensorProto.FLOAT16
+        self.g = GraphBuilder("ministral3_decoder")
+
+    # --- building blocks -------------------------------------------------------------------
+    def _to_compute(self, x: str) -> str:
+        return x if self.dtype == "float32" else self.g.op("Cast", x, to=self.onnx_dtype)
+
+    def _to_f32(self, x: str) -> str:
+        return x if self.dtype == "float32" else self.g.op("Cast", x, to=TensorProto.FLOAT)
+
+    def _scalar(self, value: float) -> str:
+        return self.g.const(value, _np_dtype(self.dtype))
+
+    def _rms_norm(self, x: str, weight_name: str) -> str:
+        """RMSNorm with the variance in float32 whatever the compute dtype."""
+        g = self.g
+        x32 = self._to_f32(x)
+        var = g.op("ReduceMean", g.op("Mul", x32, x32), g.const([-1]), keepdims=1)
+        inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(self.cfg.rms_norm_eps, np.float32))))
+        normed = self._to_compute(g.op("Mul", x32, inv))
+        w = g.weight(self.tensors[weight_name].astype(_np_dtype(self.dtype)), weight_name)
+        return g.op("Mul", normed, w)
+
+    def _linear(self, x: str, name: str) -> str:
+        g, dt = self.g, _np_dtype(self.dtype)
+        lin = self.linears[name]
+        if isinstance(lin, np.ndarray):
+            return g.op("MatMul", x, g.weight(lin.T.astype(dt), f"{name}.weight_t"))
+        if hasattr(lin, "block"):  # Int4Linear
+            w = g.tensor(_int4_initializer(f"{name}.qweight_t", lin.q.T))
+            s = g.weight(lin.scales.T.astype(dt), f"{name}.scales_t")
+            return g.op("MatMul", x, g.op("DequantizeLinear", w, s, axis=0, block_size=lin.block))
+        # Fp8Linear: static per-tensor input scale, per-tensor or per-output-channel weight scale.
+        zero = g.tensor(helper.make_tensor(f"{name}.fp8_zero", TensorProto.FLOAT8E4M3FN, [], [0.0]))
+        in_scale = g.weight(np.asarray(lin.input_scale, dtype=dt).reshape(()), f"{name}.input_scale")
+        xq = g.op("QuantizeLinear", x, in_scale, zero, saturate=1)
+        xdq = g.op("DequantizeLinear", xq, in_scale, zero)
+        wq = g.tensor(helper.make_tensor(f"{name}.fp8_weight_t", TensorProto.FLOAT8E4M3FN,
+                                         lin.weight.T.shape, np.ascontiguousarray(lin.weight.T).view(np.uint8).tobytes(),
+                                         raw=True))
+        ws = np.asarray(lin.weight_scale, dtype=dt)
+        w_scale = g.weight(ws.reshape(ws.shape if ws.size > 1 else ()), f"{name}.weight_scale")
+        wdq = g.op("DequantizeLinear", wq, w_scale, axis=1) if ws.size > 1 else g.op("DequantizeLinear", wq, w_scale)
+        return g.op("MatMul", xdq, wdq)
+
+    def _rope_tables(self, position_ids: str) -> tuple[str, str, str]:
+        """cos, sin [B, 1, S, D] and the query scale [B, 1, S, 1], computed from position ids in fp32."""
+        g, rope, cfg = self.g, self.cfg.rope, self.cfg
+        pos = g.op("Cast", position_ids, to=TensorProto.FLOAT)
+        inv_freq = g.const(rope.inv_freq(cfg.head_dim), np.float32)
+        freqs = g.op("Mul", g.op("Unsqueeze", pos, g.const([-1])), inv_freq)
+        emb = g.op("Concat", freqs, freqs, axis=-1)
+        factor = g.const(rope.attention_factor(), np.float32)
+        cos = g.op("Unsqueeze", self._to_compute(g.op("Mul", g.op("Cos", emb), factor)), g.const([1]))
+        sin = g.op("Unsqueeze", self._to_compute(g.op("Mul", g.op("Sin", emb), factor)), g.const([1]))
+        # Llama-4 query scaling, with attention's 1/sqrt(head_dim) folded in.
+        qs = g.const(1.0 / np.sqrt(cfg.head_dim), np.float32)
+        if rope.llama_4_scaling_beta is not None and rope.original_max_position_embeddings:
+            steps = g.op("Floor", g.op("Div", pos, g.const(float(rope.original_max_position_embeddings), np.float32)))
+            scale = g.op("Add", g.const(1.0, np.float32),
+                         g.op("Mul", g.const(rope.llama_4_scaling_beta, np.float32),
+                              g.op("Log", g.op("Add", steps, g.const(1.0, np.float32)))))
+            qs = g.op("Mul", scale, qs)
+            qs = g.op("Unsqueeze", qs, g.const([1, 3]))
+        return cos, sin, self._to_compute(qs)
+
+    def _rope(self, x: str, cos: str, sin: str) -> str:
+        """x * cos + rotate_half(x) * sin, x in [B, heads, S, D]."""
+        g = self.g
+        half = self.cfg.head_dim // 2
+        x1, x2 = g.ops("Split", x, g.const([half, half]), n_outputs=2, axis=-1)
+        rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
+        return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
+
+    def _heads(self, x: str, n: int) -> str:
+        """[B, S, n*D] -> [B, n, S, D]"""
+        g = self.g
+        return g.op("Transpose", g.op("Reshape", x, g.const([0, 0, n, self.cfg.head_dim])), perm=[0, 2, 1, 3])
+
+    def _causal_mask(self, seq_len: str, past_len: str) -> str:
+        """[S, P+S] float32: 0 where new token t may see position s (s <= P + t), else NEG_INF."""
+        g = self.g
+        zero, one = g.const(0), g.const(1)
+        rows = g.op("Add", g.op("Range", zero, seq_len, one), past_len)
+        cols = g.op("Range", zero, g.op("Add", seq_len, past_len), one)
+        allowed = g.op("LessOrEqual", g.op("Unsqueeze", cols, g.const([0])), g.op("Unsqueeze", rows, g.const([1])))
+        return g.op("Where", allowed, g.const(0.0, np.float32), g.const(NEG_INF, np.float32))
+
+    def _attention(self, q: str, k: str, v: str, mask: str) -> str:
+        """Grouped-query attention: q [B, H, S, D] (pre-scaled), k/v [B, KV, T, D] -> [B, S, H*D]."""
+        g, cfg = self.g, self.cfg
+        groups = cfg.num_heads // cfg.num_kv_heads
+        qg = g.op("Reshape", q, g.const([0, cfg.num_kv_heads, groups, -1, cfg.head_dim]))
+        kt = g.op("Unsqueeze", g.op("Transpose", k, perm=[0, 1, 3, 2]), g.const([2]))
+        scores = g.op("Add", self._to_f32(g.op("MatMul", qg, kt)), mask)  # softmax in fp32
+        probs = self._to_compute(g.op("Softmax", scores, axis=-1))
+        out = g.op("MatMul", probs, g.op("Unsqueeze", v, g.const([2])))  # [B, KV, G, S, D]
+        out = g.op("Reshape", out, g.const([0, cfg.num_heads, -1, cfg.head_dim]))
+        return g.op("Reshape", g.op("Transpose", out, perm=[0, 2, 1, 3]), g.const([0, 0, cfg.num_heads * cfg.head_dim]))
+
+    # --- the graph ---------------------------------------------------------------------------
+    def build(self):
+        g, cfg, dt = self.g, self.cfg, self.dtype
+        kv_shape = ["batch", cfg.num_kv_heads, "past_seq", cfg.head_dim]
+        h = g.input("inputs_embeds", dt, ["batch", "seq", cfg.hidden_size])
+        position_ids = g.input("position_ids", "int64", ["batch", "seq"])
+        pasts = [(g.input(f"past_key.{i}", dt, kv_shape), g.input(f"past_value.{i}", dt, kv_shape))
+                 for i in range(cfg.num_layers)]
+        seq_len = g.op("Gather", g.op("Shape", h), g.const(1), axis=0)
+        past_len = g.op("Gather", g.op("Shape", pasts[0][0]), g.const(2), axis=0)
+        mask = self._causal_mask(seq_len, past_len)
+        cos, sin, qscale = self._rope_tables(position_ids)
+        present_shape = ["batch", cfg.num_kv_heads, "total_seq", cfg.head_dim]
+        for i, (past_k, past_v) in enumerate(pasts):
+            p = f"layers.{i}."
+            x = self._rms_norm(h, p + "input_layernorm.weight")
+            q = self._rope(self._heads(self._linear(x, p + "self_attn.q_proj"), cfg.num_heads), cos, sin)
+            q = g.op("Mul", q, qscale)
+            k = self._rope(self._heads(self._linear(x, p + "self_attn.k_proj"), cfg.num_kv_heads), cos, sin)
+            v = self._heads(self._linear(x, p + "self_attn.v_proj"), cfg.num_kv_heads)
+            k = g.op("Concat", past_k, k, axis=2, name=f"present_key.{i}")
+            v = g.op("Concat", past_v, v, axis=2, name=f"present_value.{i}")
+            h = g.op("Add", h, self._linear(self._attention(q, k, v, mask), p + "self_attn.o_proj"))
+            x = self._rms_norm(h, p + "post_attention_layernorm.weight")
+            gate = self._linear(x, p + "mlp.gate_proj")
+            act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), self._linear(x, p + "mlp.up_proj"))
+            h = g.op("Add", h, self._linear(act, p + "mlp.down_proj"))
+        last = g.op("Gather", h, g.op("Sub", seq_len, g.const(1)), axis=1)  # [B, H]: only the last token
+        last = self._rms_norm(last, "norm.weight")
+        head = g.weight(self.tensors["lm_head.weight"].T.astype(_np_dtype(dt)), "lm_head.weight_t")
+        g.output(self._to_f32(g.op("MatMul", last, head)), "logits", "float32", ["batch", cfg.vocab_size])
+        for i in range(cfg.num_layers):
+            g.outputs.append(helper.make_tensor_value_info(f"present_key.{i}", self.onnx_dtype, present_shape))
+            g.outputs.append(helper.make_tensor_value_info(f"present_value.{i}", self.onnx_dtype, present_shape))
+        return g.model()
+
+
+def export_decoder(cfg: TextConfig, tensors: Mapping[str, np.ndarray], linears: Mapping[str, object],
+                   out_dir: Path, dtype: str = "float32") -> Path:
+    missing = [f"layers.{i}.{n}" for i in range(cfg.num_layers) for n in LINEARS if f"layers.{i}.{n}" not in linears]
+    if missing:
+        raise ValueError(f"cannot export decoder: linear {missing[0]} has no weights")
+    return save(DecoderGraph(cfg, tensors, linears, dtype).build(), Path(out_dir) / "decoder.onnx")
+
+
+def export_embedding(embed: np.ndarray, out_dir: Path, dtype: str = "float32") -> Path:
+    """`input_ids` [B, S] -> `inputs_embeds` [B, S, H]: a Gather, kept apart so images can be merged in."""
+    g = GraphBuilder("ministral3_embed")
+    ids = g.input("input_ids", "int64", ["batch", "seq"])
+    table = g.weight(embed.astype(_np_dtype(dtype)), "embed_tokens.weight")
+    g.output(g.op("Gather", table, ids, axis=0), "inputs_embeds", dtype, ["batch", "seq", embed.shape[1]])
+    return save(g.model(), Path(out_dir) / "embed.onnx")
