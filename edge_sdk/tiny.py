@@ -68,3 +68,23 @@ def make_text_checkpoint(out: str | Path, *, seed: int = 0, std: float = 0.08, m
     model = model.to(getattr(torch, dtype)).eval()
     model.save_pretrained(out)
     return out
+
+
+def make_demo_checkpoint(out: str | Path, seed: int = 0) -> Path:
+    """The demo's model: a tiny Ministral3ForCausalLM plus an offline Tekken tokenizer beside it."""
+    from .tiny_tokenizer import make_tekken_file
+
+    out = make_text_checkpoint(out, seed=seed, hidden=128, intermediate=256, layers=4, heads=4, kv_heads=2,
+                               head_dim=32, vocab=4096, original_max=64)
+    make_tekken_file(out / "tekken.json", vocab_size=4096)
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a tiny random Ministral 3 checkpoint (HF layout) "
+                                                 "with a Tekken tokenizer, for demos and tests.")
+    parser.add_argument("out", help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    print(make_demo_checkpoint(parser.parse_args().out, seed=parser.parse_args().seed))

@@ -1,0 +1,44 @@
+# edge_sdk — everything a newcomer or CI needs, from a fresh machine.
+#   make demo   build a tiny Ministral 3 into an INT4 engine package and serve it over a local mosquitto
+#   make test   run the test suite
+#   make flash  install onto a Jetson (see devices/flash.sh)
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+SYSTEM_PACKAGES := mosquitto mosquitto-clients libmosquitto-dev gcc
+DEMO_DIR := engines/demo
+
+.PHONY: demo test serve bench flash system-deps install clean
+
+# Debian packages: the broker the daemon talks to, and libmosquitto for the C firmware example.
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: system-deps $(VENV)/.installed
+
+$(DEMO_DIR)/checkpoint/config.json: | install
+	$(PY) -m edge_sdk.tiny $(DEMO_DIR)/checkpoint
+
+$(DEMO_DIR)/int4-cpu/manifest.json: $(DEMO_DIR)/checkpoint/config.json
+	$(VENV)/bin/edge-sdk build $(DEMO_DIR)/checkpoint --quant int4 --device cpu -o $(DEMO_DIR)/int4-cpu
+
+demo: install $(DEMO_DIR)/int4-cpu/manifest.json
+	$(PY) examples/demo.py $(DEMO_DIR)/int4-cpu
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,84 @@
+"""checkpoint -> quantize -> export ONNX -> (compile TensorRT) -> engine package with manifest.
+
+Every step reads the same `ModelConfig` and the same quantized tensors, so the reference, the
+ONNX graphs and the TensorRT engines cannot disagree about the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from .devices import check_build, load_profile
+from .export.decoder import export_decoder, export_embedding
+from .models.checkpoint import CheckpointError, open_checkpoint
+from .package import Manifest, graph_entry, write_manifest
+from .quant import QuantRecipe, format_report, quantize
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENGINES_DIR = Path("engines")
+
+
+def find_tokenizer(checkpoint_dir: Path) -> Path:
+    """The Tekken file that ships next to Mistral checkpoints."""
+    for name in ("tekken.json", "tokenizer/tekken.json"):
+        if (checkpoint_dir / name).exists():
+            return checkpoint_dir / name
+    raise CheckpointError(f"{checkpoint_dir}: no tekken.json found; pass --tokenizer FILE")
+
+
+def default_output(checkpoint_dir: Path, recipe: QuantRecipe, device: str) -> Path:
+    return DEFAULT_ENGINES_DIR / f"{checkpoint_dir.resolve().name}-{recipe.method}-{device}"
+
+
+def build(checkpoint: str | Path, recipe: QuantRecipe, device: str = "cpu", out: str | Path | None = None,
+          tokenizer: str | Path | None = None, context_length: int | None = None, progress: bool = True) -> Path:
+    """Build an engine package and return its directory."""
+    ckpt_dir = Path(checkpoint)
+    ckpt = open_checkpoint(ckpt_dir)
+    profile = load_profile(device)
+    context_length = min(context_length or profile.max_context, ckpt.config.text.max_position_embeddings)
+    check_build(profile, recipe.method, ckpt.config, context_length)
+    tok_path = Path(tokenizer) if tokenizer else find_tokenizer(ckpt_dir)
+    tok = Tokenizer.from_file(tok_path)
+    if tok.vocab_size > ckpt.config.text.vocab_size:
+        raise CheckpointError(f"{tok_path}: tokenizer has {tok.vocab_size} ids but the model only "
+                              f"{ckpt.config.text.vocab_size}")
+
+    out_dir = Path(out) if out else default_output(ckpt_dir, recipe, profile.name)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    log.info("building %s -> %s (quant %s, device %s, %s graphs)", ckpt_dir, out_dir, recipe.method,
+             profile.name, profile.compute_dtype)
+
+    quantized = quantize(ckpt, recipe, encode=tok.encode, progress=progress)
+    if quantized.report:
+        log.info("weight quantization error per layer:\n%s", format_report(quantized.report))
+
+    cfg = ckpt.config
+    dtype = profile.compute_dtype
+    export_embedding(quantized.tensors["embed_tokens.weight"], out_dir, dtype)
+    export_decoder(cfg.text, quantized.tensors, quantized.linears, out_dir, dtype)
+    graphs = {"embed": graph_entry(out_dir, "embed.onnx"), "decoder": graph_entry(out_dir, "decoder.onnx")}
+    if cfg.vision is not None:
+        from .export.vision import export_vision
+
+        vision_weights = {n: ckpt.get(n) for n in ckpt.names() if n.startswith(("vision_tower.", "multi_modal_projector."))}
+        export_vision(vision_weights, cfg.vision, cfg.text.hidden_size, out_dir, dtype=dtype)
+        graphs["vision"] = graph_entry(out_dir, "vision.onnx")
+    shutil.copy(tok_path, out_dir / "tekken.json")
+
+    manifest = Manifest(
+        model_name=ckpt_dir.resolve().name, model=cfg, quant=recipe.model_dump(), device=profile.name,
+        context_length=context_length, graphs=graphs, tokenizer="tekken.json",
+        extra={"quant_report": [r.model_dump() if hasattr(r, "model_dump") else vars(r) for r in quantized.report]})
+    manifest = write_manifest(out_dir, manifest)
+    if profile.backend == "tensorrt":
+        from .compile import compile_package
+
+        compile_package(out_dir, profile, strict=False)
+    return out_dir

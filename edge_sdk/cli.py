@@ -1,0 +1,178 @@
+"""`edge-sdk`: build engine packages, generate from them, verify them, serve them over MQTT.
+
+Every subcommand explains itself with `--help`. Errors the user can fix (a bad checkpoint, a
+tampered package, a profile that cannot run the request) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  edge-sdk build ./Ministral-3-3B-Instruct-2512 --quant int4 --device orin-nano-8gb
+  edge-sdk generate engines/my-model --prompt "Where is the charging dock?" --max-tokens 64
+  edge-sdk verify engines/my-model
+  edge-sdk devices
+"""
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (default 0: off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _add_backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
+                   help="auto: TensorRT when a GPU and engines are present, else ONNX Runtime")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")
+    p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
+                   help="ONNX Runtime INT4 kernel: 4 = int8 activations (fast), 0 = exact float")
+
+
+def _backend_options(args) -> dict:
+    if args.backend == "tensorrt":
+        return {}
+    return {"threads": args.threads, "accuracy_level": args.accuracy_level}
+
+
+def cmd_build(args) -> int:
+    from .build import build
+    from .quant import QuantRecipe
+
+    recipe = QuantRecipe(method=args.quant, block_size=args.block_size, awq=not args.no_awq,
+                         calibration_file=args.calib, fp8_granularity=args.fp8_granularity)
+    out = build(args.checkpoint, recipe, device=args.device, out=args.output, tokenizer=args.tokenizer,
+                context_length=args.context, progress=not args.quiet)
+    print(out)
+    return 0
+
+
+def _prompt(args):
+    if args.prompt_ids:
+        return [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+    if args.messages:
+        return json.loads(Path(args.messages).read_text())
+    if args.image:
+        return [{"role": "user", "content": [{"type": "image", "image": str(img)} for img in args.image]
+                 + [{"type": "text", "text": args.prompt or "Describe the image."}]}]
+    return args.prompt
+
+
+def cmd_generate(args) -> int:
+    from .runtime.model import load
+
+    model = load(args.engine, backend=args.backend, **_backend_options(args))
+    kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                  seed=args.seed, stop=args.stop)
+    stream = model.stream(_prompt(args), **kwargs)
+    for delta in stream:
+        if not args.json:
+            print(delta.text, end="", flush=True)
+    result = stream.result
+    if args.json:
+        print(json.dumps({"text": result.text, "tokens": result.tokens, "finish_reason": result.finish_reason,
+                          "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                          "time_to_first_token_s": result.time_to_first_token_s,
+                          "tokens_per_second": result.tokens_per_second}))
+    else:
+        print()
+        logging.getLogger("edge_sdk").info("%s: %d prompt + %d generated tokens, first token %.3f s, %.1f tok/s",
+                                           result.finish_reason, result.prompt_tokens, result.completion_tokens,
+                                           result.time_to_first_token_s or 0.0, result.tokens_per_second)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .package import verify_package
+
+    files = verify_package(args.engine)
+    print(f"{args.engine}: OK ({len(files)} files match their sha256)")
+    return 0
+
+
+def cmd_devices(args) -> int:
+    from .devices import list_profiles, load_profile
+
+    print(f"{'profile':16} {'backend':12} {'sm':>4} {'memory':>8} {'GB/s':>6}  precisions")
+    for name in list_profiles():
+        p = load_profile(name)
+        print(f"{p.name:16} {p.backend:12} {p.sm or '-':>4} {p.memory_gb:>6.0f}GB {p.memory_bandwidth_gbs:>6.0f}  "
+              f"{','.join(p.precisions)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-sdk", description=__doc__.splitlines()[0], epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("build", help="checkpoint -> quantized ONNX (+ TensorRT) engine package",
+                       description="Quantize a Hugging Face or Mistral-native Ministral 3 checkpoint, export "
+                                   "ONNX graphs and (on a device with TensorRT) compile engines.")
+    p.add_argument("checkpoint", help="checkpoint directory (config.json or params.json + safetensors)")
+    p.add_argument("--quant", choices=["none", "int4", "fp8"], default="int4",
+                   help="int4: weight-only block-wise with AWQ scaling; fp8: E4M3 weights and activations")
+    p.add_argument("--device", default="cpu", help="device profile (see `edge-sdk devices`)")
+    p.add_argument("-o", "--output", help="package directory (default engines/<name>-<quant>-<device>)")
+    p.add_argument("--tokenizer", help="tekken.json (default: the one in the checkpoint directory)")
+    p.add_argument("--calib", help="calibration text file (default: the one shipped with edge_sdk)")
+    p.add_argument("--block-size", type=int, default=128, choices=[32, 64, 128], help="INT4 block size (default 128)")
+    p.add_argument("--no-awq", action="store_true", help="plain round-to-nearest INT4, no activation-aware scaling")
+    p.add_argument("--fp8-granularity", choices=["tensor", "channel"], default="tensor",
+                   help="FP8 weight scales per tensor (default) or per output channel")
+    p.add_argument("--context", type=int, help="context length (default: the device profile's)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("generate", help="generate text from an engine package",
+                       description="Generate from an engine package, streaming text to stdout.")
+    p.add_argument("engine", help="engine package directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="user message (sent in the instruct chat format)")
+    src.add_argument("--messages", help="JSON file with a list of chat messages")
+    src.add_argument("--prompt-ids", help="comma-separated token ids, used as is (raw completion)")
+    p.add_argument("--image", action="append", type=Path, help="image file for the prompt (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and usage")
+    _add_sampling(p)
+    _add_backend(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("verify", help="check an engine package's manifest and file hashes")
+    p.add_argument("engine", help="engine package directory")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("devices", help="list device profiles")
+    p.set_defaults(func=cmd_devices)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .devices import DeviceError
+    from .models.config import CheckpointError
+    from .package import PackageError
+    from .runtime.backend import BackendUnavailable
+    from .runtime.types import GenerationError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except (CheckpointError, PackageError, DeviceError, BackendUnavailable, GenerationError, ValueError) as exc:
+        print(f"edge-sdk {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
