@@ -49,6 +49,10 @@ class SafetensorsFile:
         self._data_start = 8 + header_len
         self._entries = header
         self._map = None
+        needed = self._data_start + max((e["data_offsets"][1] for e in header.values()), default=0)
+        size = self.path.stat().st_size
+        if size < needed:
+            raise CheckpointError(f"{self.path}: file is truncated ({size} of {needed} bytes)")
 
     def keys(self) -> list[str]:
         return list(self._entries)

@@ -1,0 +1,93 @@
+"""The generation loop: sampling settings, stop conditions, streaming, cancel, deadline, overflow."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import edge_sdk
+from edge_sdk.runtime.sampling import Sampler
+from edge_sdk.runtime.types import GenerationError, SamplingParams
+from test_foundation import PROMPT
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoints, build_package):
+    return edge_sdk.load(build_package(tiny_checkpoints["text"]))
+
+
+def test_seed_reproduces_and_differs(model):
+    a = model.generate(PROMPT, max_tokens=16, temperature=1.0, seed=7)
+    b = model.generate(PROMPT, max_tokens=16, temperature=1.0, seed=7)
+    c = model.generate(PROMPT, max_tokens=16, temperature=1.0, seed=8)
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens
+
+
+def test_top_k_one_is_greedy(model):
+    greedy = model.generate(PROMPT, max_tokens=12)
+    assert model.generate(PROMPT, max_tokens=12, temperature=0.8, top_k=1, seed=3).tokens == greedy.tokens
+
+
+def test_sampler_respects_top_k_and_top_p():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    top_k = Sampler(SamplingParams(temperature=1.0, top_k=2, seed=0))
+    assert {top_k(logits) for _ in range(300)} == {0, 1}
+    top_p = Sampler(SamplingParams(temperature=1.0, top_p=0.7, seed=0))  # 0.5 + 0.3 reaches 0.7
+    assert {top_p(logits) for _ in range(300)} == {0, 1}
+    with pytest.raises(GenerationError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+def test_stream_deltas_join_to_result(model):
+    stream = model.stream("Tell me about the warehouse.", max_tokens=20)
+    deltas = list(stream)
+    assert "".join(d.text for d in deltas) == stream.result.text
+    assert [t for d in deltas for t in d.tokens] == stream.result.tokens
+    assert stream.result.completion_tokens == 20 and stream.result.time_to_first_token_s is not None
+
+
+def test_stop_string_cuts_text_and_is_never_streamed(model):
+    full = model.generate(PROMPT, max_tokens=24)
+    stop = full.text[len(full.text) // 2: len(full.text) // 2 + 3]
+    assert stop.strip(), "need a visible stop string"
+    stream = model.stream(PROMPT, max_tokens=24, stop=[stop])
+    streamed = "".join(d.text for d in stream)
+    assert stream.result.finish_reason == "stop"
+    assert stream.result.text == full.text[: full.text.index(stop)] == streamed
+
+
+def test_stop_token_ids(model):
+    full = model.generate(PROMPT, max_tokens=10)
+    cut = model.generate(PROMPT, max_tokens=10, stop_token_ids=[full.tokens[4]])
+    assert cut.finish_reason == "stop" and cut.tokens == full.tokens[: full.tokens.index(full.tokens[4])]
+
+
+def test_cancel_and_deadline_end_early(model):
+    cancel = threading.Event()
+    stream = model.stream(PROMPT, max_tokens=200, cancel=cancel)
+    next(iter(stream))
+    cancel.set()
+    result = stream.finish()
+    assert result.finish_reason == "cancelled" and result.completion_tokens < 200
+    late = model.generate(PROMPT, max_tokens=200, deadline=time.monotonic() - 1)
+    assert late.finish_reason == "deadline" and late.completion_tokens == 0
+
+
+def test_context_overflow_is_a_clear_error(model):
+    with pytest.raises(GenerationError, match=f"does not fit the context of {model.context_length}"):
+        model.generate([5] * model.context_length)
+    near = model.generate([5] * (model.context_length - 3), max_tokens=50)
+    assert near.finish_reason == "length" and near.completion_tokens == 3
+
+
+def test_bad_prompts_are_clear_errors(model):
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        model.generate([1, 999999])
+    with pytest.raises(GenerationError, match="prompt must be"):
+        model.generate(3.5)
+    with pytest.raises(GenerationError, match="role"):
+        model.generate([{"role": "robot", "content": "hi"}])
