@@ -78,7 +78,7 @@ def build(checkpoint: str | Path, recipe: QuantRecipe, device: str = "cpu", out:
         extra={"quant_report": [r.model_dump() if hasattr(r, "model_dump") else vars(r) for r in quantized.report]})
     manifest = write_manifest(out_dir, manifest)
     if profile.backend == "tensorrt":
-        from .compile import compile_package
+        from .runtime.tensorrt import compile_package
 
         compile_package(out_dir, profile, strict=False)
     return out_dir

@@ -98,6 +98,14 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_compile(args) -> int:
+    from .runtime.tensorrt import compile_package
+
+    engines = compile_package(args.engine, args.device, strict=True, max_prefill=args.max_prefill)
+    print(f"{args.engine}: compiled {', '.join(sorted(engines))}")
+    return 0
+
+
 def cmd_devices(args) -> int:
     from .devices import list_profiles, load_profile
 
@@ -149,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check an engine package's manifest and file hashes")
     p.add_argument("engine", help="engine package directory")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("compile", help="compile a package's ONNX graphs into TensorRT engines (on the device)",
+                       description="Run on the Jetson: builds TensorRT plans for the package's graphs and "
+                                   "records them in its manifest. Needs a GPU, TensorRT and pycuda.")
+    p.add_argument("engine", help="engine package directory")
+    p.add_argument("--device", help="device profile (default: the one the package was built for)")
+    p.add_argument("--max-prefill", type=int, default=512, help="longest prompt chunk per TensorRT call")
+    p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("devices", help="list device profiles")
     p.set_defaults(func=cmd_devices)

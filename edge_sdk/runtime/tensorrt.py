@@ -1,0 +1,706 @@
+"""TensorRT backend: compile ONNX graphs into engines, and run the decoder with its KV cache on the GPU.
+
+Written against the TensorRT 10.x Python API (10.3 on JetPack 6, 10.13+ on JetPack 7) and pycuda.
+Importing this module imports neither: both are imported inside functions, after
+`gpu_probe.probe_gpu()` has confirmed a driver (tensorrt-lean segfaults and pycuda fails to import
+without one). Without a usable GPU every entry point raises `BackendUnavailable` with the probe's reason.
+
+KV cache: each cache owns two sets of max-context device buffers per layer (K and V) used
+ping-pong: step n reads `past_*` from set A with shape [1, kv, past, head_dim] and TensorRT writes
+`present_*` ([1, kv, past + seq, head_dim], contiguous) into set B; step n+1 reads set B. Nothing
+leaves the GPU between steps, but the cache costs 2x the KV size the memory estimate counts
+(a [1, kv, past, hd] tensor cannot be a view into a [1, kv, max, hd] buffer: TensorRT I/O is
+linear, so in-place append would need a KV-cache plugin or a graph that writes by position).
+
+Dynamic dimensions are keyed by the ONNX dim_param names the exporter writes:
+`batch`, `seq` and `past_seq` for the decoder (see docs/ARCHITECTURE.md); `decoder_dims()` builds
+the usual ranges, other graphs (embed, vision) pass their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edge_sdk.runtime.backend import BackendUnavailable  # noqa: F401 - re-exported: one class for all backends
+from edge_sdk.runtime.gpu_probe import GpuStatus, probe_gpu
+from edge_sdk.runtime.types import ContextOverflowError, GenerationError
+
+if TYPE_CHECKING:
+    from edge_sdk.devices import DeviceProfile
+    from edge_sdk.package import Manifest
+
+log = logging.getLogger(__name__)
+
+DimRange = tuple[int, int, int]  # (min, opt, max)
+
+
+class BuildError(RuntimeError):
+    """TensorRT could not parse or build a graph; the message carries the parser/builder errors."""
+
+
+def gpu_status() -> GpuStatus:
+    return probe_gpu()
+
+
+def _require_gpu() -> GpuStatus:
+    status = probe_gpu()
+    if not status.available:
+        raise BackendUnavailable(f"TensorRT backend unavailable: {status.reason}")
+    return status
+
+
+def _import_trt():
+    _require_gpu()
+    import tensorrt as trt  # noqa: PLC0415 - only after the probe saw a driver
+
+    return trt
+
+
+def _import_cuda():
+    """pycuda with the device's *primary* context (the one TensorRT's CUDA runtime uses)."""
+    _require_gpu()
+    import pycuda.autoprimaryctx as primary  # noqa: PLC0415 - retains + pushes the primary context
+    import pycuda.driver as cuda  # noqa: PLC0415
+
+    return cuda, primary.context
+
+
+_LOGGERS: dict[int, Any] = {}
+
+
+def _logger(trt, verbose: bool = False):
+    severity = trt.Logger.VERBOSE if verbose else trt.Logger.WARNING
+    key = int(severity)
+    if key not in _LOGGERS:  # TensorRT wants one logger per process; keep them alive
+        _LOGGERS[key] = trt.Logger(severity)
+    return _LOGGERS[key]
+
+
+# -- build ---------------------------------------------------------------------------------------
+
+def decoder_dims(max_context: int, max_prefill: int = 512, opt_seq: int = 1,
+                 opt_past: int | None = None) -> dict[str, DimRange]:
+    """Optimization-profile ranges for decoder.onnx: batch 1, seq 1..max_prefill, past 0..max_context.
+
+    `opt_seq` = 1 tunes kernels for decode steps, which dominate generation time; prompts longer than
+    `max_prefill` are fed in chunks by `TensorRTDecoder.forward`.
+    """
+    max_prefill = min(max_prefill, max_context)
+    opt_past = max_context // 2 if opt_past is None else opt_past
+    return {"batch": (1, 1, 1), "seq": (1, min(opt_seq, max_prefill), max_prefill),
+            "past_seq": (0, min(opt_past, max_context), max_context)}
+
+
+def profile_shapes(onnx_path: str | Path, dims: dict[str, DimRange]) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """min/opt/max shapes for every input of `onnx_path` with a dynamic dimension.
+
+    Reads the graph without its weights; a dynamic dimension whose name is not in `dims` is an error.
+    """
+    from edge_sdk.package import graph_io  # noqa: PLC0415
+
+    inputs, _ = graph_io(onnx_path)
+    shapes = {}
+    for spec in inputs:
+        if all(isinstance(d, int) for d in spec.shape):
+            continue
+        lo, opt, hi = [], [], []
+        for axis, d in enumerate(spec.shape):
+            if isinstance(d, int):
+                r = (d, d, d)
+            elif d in dims:
+                r = dims[d]
+            else:
+                raise BuildError(f"{onnx_path}: input {spec.name!r} axis {axis} is dynamic ({d!r}) but no range "
+                                 f"was given for it (ranges given: {', '.join(dims) or 'none'})")
+            lo.append(r[0])
+            opt.append(r[1])
+            hi.append(r[2])
+        shapes[spec.name] = (tuple(lo), tuple(opt), tuple(hi))
+    return shapes
+
+
+def _progress_monitor(trt, cancel: threading.Event | None):
+    """A trt.IProgressMonitor that logs top-level phases (TensorRT >= 10.0), or None."""
+    if not hasattr(trt, "IProgressMonitor"):
+        return None
+
+    class _Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self._lock = threading.Lock()
+            self._start: dict[str, float] = {}
+            self._steps: dict[str, int] = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            with self._lock:
+                self._start[phase_name] = time.monotonic()
+                self._steps[phase_name] = num_steps
+            if parent_phase is None:
+                log.info("TensorRT: %s (%d steps)", phase_name, num_steps)
+
+        def step_complete(self, phase_name, step):
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("TensorRT: %s %d/%d", phase_name, step + 1, self._steps.get(phase_name, 0))
+            return not (cancel is not None and cancel.is_set())  # False cancels the build
+
+        def phase_finish(self, phase_name):
+            with self._lock:
+                t0 = self._start.pop(phase_name, None)
+            if t0 is not None:
+                log.debug("TensorRT: %s done in %.1f s", phase_name, time.monotonic() - t0)
+
+    return _Monitor()
+
+
+def build_engine(onnx_path: str | Path, plan_path: str | Path, profile: DeviceProfile | str | None = None, *,
+                 dims: dict[str, DimRange] | None = None, max_context: int | None = None, max_prefill: int = 512,
+                 fp16: bool = True, bf16: bool = False, int4: bool = False, fp8: bool = False,
+                 strongly_typed: bool = False, workspace_gb: float | None = None,
+                 timing_cache: str | Path | None = None, cancel: threading.Event | None = None,
+                 verbose: bool = False) -> Path:
+    """Compile `onnx_path` into a TensorRT plan at `plan_path`; returns the plan path.
+
+    - `dims`: dim_param -> (min, opt, max) for the graph's dynamic dims; default `decoder_dims()` with
+      `max_context` (else the device profile's max_context) and `max_prefill`.
+    - `fp16`/`bf16`/`fp8`/`int4` set the matching BuilderFlag (weakly typed networks); FP8 and INT4
+      only take effect where the graph carries Q/DQ nodes. With `strongly_typed` the graph's own types
+      decide and no precision flag is set.
+    - `timing_cache`: file read before and written after the build (speeds up rebuilds).
+    - `cancel`: set it from another thread to stop the build (via the progress monitor).
+    """
+    from edge_sdk.devices import DeviceError, load_profile  # noqa: PLC0415
+
+    onnx_path, plan_path = Path(onnx_path), Path(plan_path)
+    dev = load_profile(profile) if isinstance(profile, (str, Path)) else profile
+    if dev is not None:
+        if dev.backend != "tensorrt":
+            raise DeviceError(f"{dev.name} runs {dev.backend}, not TensorRT: no engine to build")
+        for flag, precision in ((fp8, "fp8"), (int4, "int4"), (bf16, "bf16")):
+            if flag and not dev.supports(precision):
+                raise DeviceError(f"{dev.target} has no {precision.upper()} support in TensorRT; "
+                                  f"supported: {', '.join(dev.precisions)}")
+    if not onnx_path.is_file():
+        raise BuildError(f"{onnx_path}: ONNX graph not found")
+    if dims is None:
+        ctx = max_context or (dev.max_context if dev is not None else None)
+        if ctx is None:
+            raise BuildError("build_engine needs dims=, max_context= or a device profile")
+        dims = decoder_dims(ctx, max_prefill)
+    shapes = profile_shapes(onnx_path, dims)
+
+    trt = _import_trt()
+    _check_trt_version(trt, dev)
+    logger = _logger(trt, verbose)
+    builder = trt.Builder(logger)
+    flags = (1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)) if strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # from a file, so external .data resolves
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BuildError(f"{onnx_path}: TensorRT ONNX parser failed: {errors or 'no details'}")
+
+    config = builder.create_builder_config()
+    if workspace_gb is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if not strongly_typed:
+        for wanted, name in ((fp16, "FP16"), (bf16, "BF16"), (fp8, "FP8"), (int4, "INT4")):
+            if not wanted:
+                continue
+            flag = getattr(trt.BuilderFlag, name, None)
+            if flag is None:
+                raise BuildError(f"TensorRT {trt.__version__} has no BuilderFlag.{name}")
+            config.set_flag(flag)
+
+    opt_profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        if tensor.name in shapes:
+            lo, opt, hi = shapes[tensor.name]
+            opt_profile.set_shape(tensor.name, lo, opt, hi)
+        elif any(d < 0 for d in tensor.shape):
+            raise BuildError(f"{onnx_path}: input {tensor.name!r} has dynamic shape {tuple(tensor.shape)} "
+                             "that the ONNX graph does not name")
+    config.add_optimization_profile(opt_profile)
+
+    cache_path = Path(timing_cache) if timing_cache else None
+    blob = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
+    cache = config.create_timing_cache(blob)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    monitor = _progress_monitor(trt, cancel)
+    if monitor is not None:
+        config.progress_monitor = monitor  # keep `monitor` referenced until the build returns
+
+    t0 = time.monotonic()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        why = "cancelled" if cancel is not None and cancel.is_set() else "see the TensorRT log above"
+        raise BuildError(f"{onnx_path}: TensorRT engine build failed ({why})")
+    log.info("built %s in %.0f s (%.1f MB)", plan_path.name, time.monotonic() - t0, serialized.nbytes / 1e6)
+
+    plan_path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(plan_path, serialized)
+    if cache_path is not None:
+        _atomic_write(cache_path, config.get_timing_cache().serialize())
+    return plan_path
+
+
+def _atomic_write(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)  # IHostMemory supports the buffer protocol
+    os.replace(tmp, path)
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def _check_trt_version(trt, dev: DeviceProfile | None) -> None:
+    if dev is not None and dev.tensorrt_version and \
+            _version_tuple(trt.__version__) < _version_tuple(dev.tensorrt_version):
+        log.warning("TensorRT %s is older than %s expected for %s (JetPack %s)", trt.__version__,
+                    dev.tensorrt_version, dev.name, dev.jetpack)
+
+
+def compile_package(pkg_dir: str | Path, profile: DeviceProfile | str | None = None, *, strict: bool = False,
+                    max_prefill: int = 512, workspace_gb: float | None = None,
+                    timing_cache: str | Path | None = None, roles: tuple[str, ...] = ("decoder", "vision")
+                    ) -> dict[str, str]:
+    """Compile a package's ONNX graphs into `trt/<role>.plan` and record them in its manifest.
+
+    Without a usable GPU: `strict` raises BackendUnavailable, otherwise logs why and returns {}
+    (the package still runs on ONNX Runtime). The embed graph is not compiled by default: the
+    TensorRT backend gathers embeddings on the host from embed.onnx's memory-mapped table.
+    Graphs are built strongly typed: the exported graphs already carry their compute dtype, fp32
+    islands (RMSNorm variance, softmax) and Q/DQ types, which TensorRT then keeps.
+    """
+    from edge_sdk.devices import load_profile  # noqa: PLC0415
+    from edge_sdk.package import load_manifest, write_manifest  # noqa: PLC0415
+
+    pkg_dir = Path(pkg_dir)
+    manifest = load_manifest(pkg_dir, verify=False)
+    profile = manifest.device if profile is None else profile
+    dev = load_profile(profile) if isinstance(profile, (str, Path)) else profile
+    status = probe_gpu()
+    if not status.available:
+        if strict:
+            raise BackendUnavailable(f"cannot compile TensorRT engines: {status.reason}")
+        log.warning("TensorRT engines not built (%s); the package runs on ONNX Runtime until "
+                    "`edge-sdk build` is run on the %s", status.reason, dev.name)
+        return {}
+    if dev.sm is not None and status.sm is not None and dev.sm != status.sm:
+        msg = f"this GPU ({status.device_name}) is sm_{status.sm} but the package targets {dev.target}"
+        if strict:
+            raise BackendUnavailable(msg)
+        log.warning("TensorRT engines not built: %s", msg)
+        return {}
+    unit = 28
+    if "vision" in manifest.graphs and manifest.model.vision is not None:
+        v = manifest.model.vision
+        unit = v.patch_size * v.spatial_merge_size
+    side = -(-dev.max_image_size // unit) * unit
+    ctx = manifest.context_length
+    dims = {"decoder": decoder_dims(ctx, max_prefill),
+            "embed": {"batch": (1, 1, 1), "seq": (1, min(max_prefill, ctx), ctx)},
+            "vision": {"height": (unit, side, side), "width": (unit, side, side)}}
+    engines = dict(manifest.engines)
+    for role in roles:
+        if role not in manifest.graphs:
+            continue
+        plan = f"trt/{role}.plan"
+        build_engine(pkg_dir / manifest.graphs[role].file, pkg_dir / plan, dev, dims=dims[role],
+                     strongly_typed=True, workspace_gb=workspace_gb, timing_cache=timing_cache)
+        engines[role] = plan
+    extra = dict(manifest.extra, tensorrt_version=status.tensorrt_version, sm=status.sm,
+                 gpu=status.device_name)
+    write_manifest(pkg_dir, manifest.model_copy(update={"engines": engines, "extra": extra}))
+    return engines
+
+
+def load_embedding_table(onnx_path: str | Path) -> np.ndarray:
+    """The Gather table of embed.onnx as a read-only array, memory-mapped from its external data.
+
+    Only the rows a prompt touches are read from disk; nothing is copied to the GPU.
+    """
+    import onnx  # noqa: PLC0415
+    from onnx import numpy_helper  # noqa: PLC0415
+
+    onnx_path = Path(onnx_path)
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    gathers = [n for n in model.graph.node if n.op_type == "Gather"]
+    inits = {t.name: t for t in model.graph.initializer}
+    table = next((inits[n.input[0]] for n in gathers if n.input[0] in inits), None)
+    if table is None:
+        raise BackendUnavailable(f"{onnx_path}: no Gather over an initializer (not an embed graph)")
+    if table.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(table)
+    info = {e.key: e.value for e in table.external_data}
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(table.data_type)).newbyteorder("<")
+    shape = tuple(int(d) for d in table.dims)
+    return np.memmap(onnx_path.parent / info["location"], dtype=dtype, mode="r",
+                     offset=int(info.get("offset", 0)), shape=shape)
+
+
+# -- runtime -------------------------------------------------------------------------------------
+
+class _Engine:
+    """A deserialized plan, one execution context, and its I/O tensor facts."""
+
+    def __init__(self, trt, plan_path: Path):
+        if not plan_path.is_file():
+            raise BackendUnavailable(f"{plan_path}: TensorRT plan not found")
+        self.trt = trt
+        self.path = plan_path
+        self.runtime = trt.Runtime(_logger(trt))
+        self.engine = self.runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        if self.engine is None:
+            raise BackendUnavailable(f"{plan_path}: TensorRT cannot load this plan (built with another TensorRT "
+                                     f"version than {trt.__version__}, or for another GPU); rebuild it here")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.engine.get_tensor_shape(name))
+
+    def max_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.engine.get_tensor_profile_shape(name, 0)[2])
+
+    def set_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        if not self.context.set_input_shape(name, shape):
+            raise GenerationError(f"{self.path.name}: shape {shape} for {name!r} is outside the engine's "
+                                  f"profile (max {self.max_shape(name)})")
+
+    def execute(self, stream) -> None:
+        if not self.context.execute_async_v3(stream_handle=stream.handle):
+            raise GenerationError(f"{self.path.name}: TensorRT execution failed (see the TensorRT log)")
+
+
+class _Scratch:
+    """Growable device + pinned host buffers by name, for graphs run outside the decoder hot path."""
+
+    def __init__(self, cuda):
+        self.cuda = cuda
+        self.dev: dict[str, tuple[Any, int]] = {}  # name -> (DeviceAllocation, capacity in bytes)
+        self.host: dict[str, np.ndarray] = {}
+
+    def device(self, name: str, nbytes: int):
+        buf, cap = self.dev.get(name, (None, 0))
+        if buf is None or cap < nbytes:
+            cap = max(nbytes, 256)
+            buf = self.cuda.mem_alloc(cap)
+            self.dev[name] = (buf, cap)
+        return buf
+
+    def pinned(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        buf = self.host.get(name)
+        if buf is None or buf.nbytes < n:
+            self.host[name] = buf = self.cuda.pagelocked_empty(max(n, 256), np.uint8)
+        return buf[:n].view(dtype).reshape(shape)
+
+
+def _run_graph(eng: _Engine, scratch: _Scratch, stream, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run a small engine (embed, vision) end to end: host inputs in, host outputs out."""
+    cuda = scratch.cuda
+    for name in eng.inputs:
+        arr = np.asarray(feeds[name])
+        host = scratch.pinned(name, arr.shape, eng.dtype(name))
+        host[...] = arr
+        dev = scratch.device(name, host.nbytes)
+        eng.set_shape(name, arr.shape)
+        cuda.memcpy_htod_async(dev, host, stream)
+        eng.context.set_tensor_address(name, int(dev))
+    results = {}
+    for name in eng.outputs:
+        shape = tuple(eng.context.get_tensor_shape(name))
+        if any(d < 0 for d in shape):
+            raise GenerationError(f"{eng.path.name}: output {name!r} has a data-dependent shape {shape}")
+        host = scratch.pinned("out:" + name, shape, eng.dtype(name))
+        dev = scratch.device("out:" + name, host.nbytes)
+        eng.context.set_tensor_address(name, int(dev))
+        results[name] = (host, dev)
+    eng.execute(stream)
+    for host, dev in results.values():
+        cuda.memcpy_dtoh_async(host, dev, stream)
+    stream.synchronize()
+    return {name: np.array(host, dtype=np.float32 if host.dtype.kind == "f" else host.dtype)
+            for name, (host, _) in results.items()}
+
+
+class TensorRTCache:
+    """Decoder KV cache on the GPU. `length` = tokens cached. Release early with `close()`."""
+
+    def __init__(self, bufs: list, release):
+        self._bufs = bufs      # [set0, set1]; each set: [(k_alloc, v_alloc) per layer]
+        self._cur = 0          # which set holds the current past
+        self.length = 0
+        self._finalizer = weakref.finalize(self, release, bufs)
+        self._finalizer.atexit = False
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+class _KVPool:
+    """Reuses the device buffers of finished caches (keeps at most `keep` spare sets)."""
+
+    def __init__(self, alloc, keep: int = 1):
+        self._alloc = alloc
+        self._free: list = []
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def acquire(self):
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return self._alloc()
+
+    def release(self, bufs) -> None:
+        with self._lock:
+            if len(self._free) < self._keep:
+                self._free.append(bufs)
+                return
+        for pair_set in bufs:
+            for k, v in pair_set:
+                k.free(), v.free()
+
+    def clear(self) -> None:
+        with self._lock:
+            free, self._free = self._free, []
+        for bufs in free:
+            for pair_set in bufs:
+                for k, v in pair_set:
+                    k.free(), v.free()
+
+
+class TensorRTDecoder:
+    """The runtime backend on TensorRT (`runtime.backend.DecoderBackend`):
+    `embed(ids)`, `forward(embeds, position_ids, cache) -> (logits[V] float32, cache)`, `new_cache()`,
+    `encode_image(pixels)` when the package has a vision engine.
+
+    `TensorRTDecoder(package_dir, manifest)` opens the plans listed in `manifest.engines`
+    (decoder required; vision optional; embed optional: without it the embedding table is
+    memory-mapped from embed.onnx's external data and gathered on the host, which keeps a second
+    copy of a 131k x hidden table off the GPU). `from_plans` opens plan files directly.
+    Calls are serialized by a lock (one execution context); any thread may call (the primary CUDA
+    context is pushed per call).
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, package_dir: str | Path, manifest: Manifest | None = None, *,
+                 max_context: int | None = None, **options):
+        from edge_sdk.package import load_manifest  # noqa: PLC0415
+
+        status = _require_gpu()  # raises BackendUnavailable with the probe's reason
+        pkg = Path(package_dir)
+        manifest = manifest or load_manifest(pkg, verify=False)
+        if options:
+            log.debug("tensorrt backend ignores options %s", sorted(options))
+        eng = manifest.engines
+        if "decoder" not in eng:
+            raise BackendUnavailable(f"{pkg}: no TensorRT decoder engine in the package (built for "
+                                     f"{manifest.device}); use the onnxruntime backend or rebuild for this GPU")
+        _check_package_target(pkg, manifest, status)
+        table = None
+        if "embed" not in eng:
+            if "embed" not in manifest.graphs:
+                raise BackendUnavailable(f"{pkg}: package has neither an embed engine nor embed.onnx")
+            table = load_embedding_table(pkg / manifest.graphs["embed"].file)
+        ctx = min(max_context or manifest.context_length, manifest.context_length)
+        self._open(pkg / eng["decoder"], pkg / eng["embed"] if "embed" in eng else None,
+                   pkg / eng["vision"] if "vision" in eng else None, table, ctx)
+
+    @classmethod
+    def from_plans(cls, decoder_plan: str | Path, *, embed_plan: str | Path | None = None,
+                   vision_plan: str | Path | None = None, embed_table: np.ndarray | None = None,
+                   max_context: int | None = None) -> TensorRTDecoder:
+        self = cls.__new__(cls)
+        self._open(Path(decoder_plan), Path(embed_plan) if embed_plan else None,
+                   Path(vision_plan) if vision_plan else None, embed_table, max_context)
+        return self
+
+    def _open(self, decoder_plan: Path, embed_plan: Path | None, vision_plan: Path | None,
+              embed_table: np.ndarray | None, max_context: int | None) -> None:
+        self.status = _require_gpu()
+        trt = _import_trt()
+        self._cuda, self._cu_ctx = _import_cuda()
+        self._lock = threading.RLock()
+        with self._active():
+            self._stream = self._cuda.Stream()
+            self._dec = _Engine(trt, decoder_plan)
+            self._embed = _Engine(trt, embed_plan) if embed_plan else None
+            self._vision = _Engine(trt, vision_plan) if vision_plan else None
+            self._scratch = _Scratch(self._cuda)
+            self._embed_table = embed_table
+            self._describe_decoder(max_context)
+            self._alloc_io()
+        self._pool = _KVPool(self._alloc_kv)
+        log.info("tensorrt backend: %s, %d layers, context %d (KV %.2f GB per cache), prefill chunk %d",
+                 self.status.device_name, self.num_layers, self.max_context, self.kv_cache_bytes() / 1e9,
+                 self.max_seq)
+
+    # -- setup --
+
+    @contextmanager
+    def _active(self):
+        self._cu_ctx.push()
+        try:
+            yield
+        finally:
+            self._cuda.Context.pop()
+
+    def _describe_decoder(self, max_context: int | None) -> None:
+        dec = self._dec
+        self.num_layers = sum(1 for n in dec.inputs if n.startswith("past_key."))
+        if self.num_layers == 0 or "inputs_embeds" not in dec.inputs or "logits" not in dec.outputs:
+            raise BackendUnavailable(f"{dec.path}: not a decoder engine (inputs {dec.inputs[:4]}...)")
+        _, self.kv_heads, _, self.head_dim = dec.shape("past_key.0")
+        self.hidden_size = dec.shape("inputs_embeds")[-1]
+        self.vocab_size = dec.shape("logits")[-1]
+        engine_ctx = dec.max_shape("past_key.0")[2]
+        self.max_context = min(max_context, engine_ctx) if max_context else engine_ctx
+        self.max_seq = dec.max_shape("inputs_embeds")[1]
+        self._kv_dtype = dec.dtype("past_key.0")
+        if min(self.kv_heads, self.head_dim, self.hidden_size, self.vocab_size) <= 0:
+            raise BackendUnavailable(f"{dec.path}: decoder engine has unexpected dynamic hidden/kv/vocab dims")
+
+    def _alloc_io(self) -> None:
+        cuda, dec = self._cuda, self._dec
+        self._emb_dtype, self._pos_dtype = dec.dtype("inputs_embeds"), dec.dtype("position_ids")
+        self._logits_dtype = dec.dtype("logits")
+        # Flat pinned staging buffers: a [:n * H] prefix reshaped is always contiguous and pinned.
+        self._h_emb = cuda.pagelocked_empty((self.max_seq * self.hidden_size,), self._emb_dtype)
+        self._h_pos = cuda.pagelocked_empty((self.max_seq,), self._pos_dtype)
+        self._h_logits = cuda.pagelocked_empty((self.vocab_size,), self._logits_dtype)
+        self._d_emb = cuda.mem_alloc(self._h_emb.nbytes)
+        self._d_pos = cuda.mem_alloc(self._h_pos.nbytes)
+        self._d_logits = cuda.mem_alloc(self._h_logits.nbytes)
+
+    def _alloc_kv(self):
+        nbytes = self.kv_heads * self.max_context * self.head_dim * self._kv_dtype.itemsize
+        with self._active():
+            return [[(self._cuda.mem_alloc(nbytes), self._cuda.mem_alloc(nbytes)) for _ in range(self.num_layers)]
+                    for _ in range(2)]
+
+    def kv_cache_bytes(self) -> int:
+        """Device memory one cache holds (both ping-pong sets)."""
+        return 2 * 2 * self.num_layers * self.kv_heads * self.max_context * self.head_dim * self._kv_dtype.itemsize
+
+    # -- backend interface --
+
+    def new_cache(self) -> TensorRTCache:
+        return TensorRTCache(self._pool.acquire(), self._pool.release)
+
+    def embed(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if self._embed is None:
+            if self._embed_table is None:
+                raise BackendUnavailable("no embed engine and no embedding table given to TensorRTDecoder")
+            return np.asarray(self._embed_table[ids], dtype=np.float32)
+        with self._lock, self._active():
+            step = self._embed.max_shape("input_ids")[-1]
+            parts = [_run_graph(self._embed, self._scratch, self._stream,
+                                {"input_ids": ids[None, i:i + step]})["inputs_embeds"][0]
+                     for i in range(0, len(ids), step)]
+        return np.concatenate(parts, axis=0) if parts else np.zeros((0, self.hidden_size), np.float32)
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        if self._vision is None:
+            raise GenerationError("this package has no vision engine")
+        pixels = np.asarray(pixels)
+        if pixels.ndim == 3:
+            pixels = pixels[None]
+        with self._lock, self._active():
+            out = _run_graph(self._vision, self._scratch, self._stream, {"pixel_values": pixels})
+        return out["image_features"]
+
+    def forward(self, embeds: np.ndarray, position_ids: np.ndarray, cache: TensorRTCache):
+        embeds = np.asarray(embeds)
+        if embeds.ndim == 2:
+            embeds = embeds[None]
+        position_ids = np.asarray(position_ids).reshape(1, -1)
+        t = embeds.shape[1]
+        if embeds.shape[0] != 1 or embeds.shape[2] != self.hidden_size or position_ids.shape[1] != t or t == 0:
+            raise GenerationError(f"forward expects embeds [1, T, {self.hidden_size}] and position_ids [1, T] "
+                                  f"with T >= 1, got {embeds.shape} and {position_ids.shape}")
+        if cache.length + t > self.max_context:
+            raise ContextOverflowError(f"{cache.length} cached + {t} new tokens exceed the engine's context "
+                                       f"of {self.max_context} tokens")
+        with self._lock, self._active():
+            for start in range(0, t, self.max_seq):  # prompts longer than the profile's seq max: chunks
+                stop = min(start + self.max_seq, t)
+                self._step(embeds[:, start:stop], position_ids[:, start:stop], cache, want_logits=stop == t)
+            logits = self._h_logits.astype(np.float32)
+        return logits, cache
+
+    def _step(self, embeds: np.ndarray, position_ids: np.ndarray, cache: TensorRTCache, want_logits: bool) -> None:
+        cuda, dec, stream = self._cuda, self._dec, self._stream
+        n, past = embeds.shape[1], cache.length
+        h_emb = self._h_emb[: n * self.hidden_size].reshape(1, n, self.hidden_size)
+        h_pos = self._h_pos[:n].reshape(1, n)
+        h_emb[...] = embeds  # casts to the engine's input dtype (float16 on GPU profiles)
+        h_pos[...] = position_ids
+        cuda.memcpy_htod_async(self._d_emb, h_emb, stream)
+        cuda.memcpy_htod_async(self._d_pos, h_pos, stream)
+        dec.set_shape("inputs_embeds", (1, n, self.hidden_size))
+        dec.set_shape("position_ids", (1, n))
+        ctx = dec.context
+        ctx.set_tensor_address("inputs_embeds", int(self._d_emb))
+        ctx.set_tensor_address("position_ids", int(self._d_pos))
+        ctx.set_tensor_address("logits", int(self._d_logits))
+        src, dst = cache._bufs[cache._cur], cache._bufs[1 - cache._cur]
+        past_shape = (1, self.kv_heads, past, self.head_dim)
+        for i in range(self.num_layers):
+            for j, kind in enumerate(("key", "value")):
+                dec.set_shape(f"past_{kind}.{i}", past_shape)
+                ctx.set_tensor_address(f"past_{kind}.{i}", int(src[i][j]))
+                ctx.set_tensor_address(f"present_{kind}.{i}", int(dst[i][j]))
+        dec.execute(stream)
+        if want_logits:
+            cuda.memcpy_dtoh_async(self._h_logits, self._d_logits, stream)
+        stream.synchronize()
+        cache.length = past + n
+        cache._cur = 1 - cache._cur
+
+    def close(self) -> None:
+        """Free the spare KV buffers now (live caches free theirs when closed or collected)."""
+        self._pool.clear()
+
+
+def _check_package_target(pkg_dir: Path, manifest: Manifest, status: GpuStatus) -> None:
+    """Plans only run on the GPU generation and TensorRT version they were built with: say so early."""
+    from edge_sdk.devices import DeviceError, load_profile  # noqa: PLC0415
+
+    try:
+        dev = load_profile(manifest.device)
+    except DeviceError:
+        dev = None
+    if dev is not None and dev.sm is not None and status.sm is not None and dev.sm != status.sm:
+        raise BackendUnavailable(f"{pkg_dir}: engines were built for {dev.target} but this GPU "
+                                 f"({status.device_name}) is sm_{status.sm}; rebuild the package for this device")
+    built_with = manifest.extra.get("tensorrt_version")
+    if built_with and status.tensorrt_version and \
+            _version_tuple(built_with)[:2] != _version_tuple(status.tensorrt_version)[:2]:
+        raise BackendUnavailable(f"{pkg_dir}: engines were built with TensorRT {built_with} but this host has "
+                                 f"{status.tensorrt_version}; rebuild the engines here")
