@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -87,3 +88,24 @@ def test_chat_prompt_uses_instruct_format(tiny_checkpoints, build_package):
     assert ids == model.tokenizer.encode_chat(messages).ids and not images
     assert ids[0] == model.tokenizer.bos_id
     assert model.encode_prompt("Hi")[0] == model.tokenizer.encode_chat([{"role": "user", "content": "Hi"}]).ids
+
+
+def test_fp8_checkpoint_matches_transformers(tiny_checkpoints, build_package, tmp_path):
+    """Mistral's FP8 layout: weights are W_fp8 * weight_scale_inv (a multiplier) as transformers reads them.
+
+    On a CPU transformers dequantizes FP8 weights and ignores activation scales, so the oracle is
+    our `--quant none` build of the FP8 checkpoint; `--quant fp8` must keep the stored FP8 bytes.
+    """
+    from fp8_checkpoint import make_fp8_checkpoint
+
+    fp8 = make_fp8_checkpoint(tiny_checkpoints["text"], tmp_path / "fp8")
+    shutil.copy(tiny_checkpoints["text"] / "tekken.json", fp8 / "tekken.json")
+    assert open_checkpoint(fp8).is_fp8("layers.0.self_attn.q_proj")
+    model = edge_sdk.load(build_package(fp8, "none"))
+    assert model.generate(PROMPT, max_tokens=N_NEW).tokens == hf_greedy(fp8, PROMPT, N_NEW)
+    ids = PROMPT + model.generate(PROMPT, max_tokens=8).tokens
+    np.testing.assert_allclose(engine_logits(model, ids), hf_logits(fp8, ids)[len(PROMPT) - 1:], atol=LOGIT_TOL, rtol=0)
+
+    kept = edge_sdk.load(build_package(fp8, "fp8"))
+    report = kept.manifest.extra["quant_report"]
+    assert all(r["from_checkpoint"] for r in report)

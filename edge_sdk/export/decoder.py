@@ -23,6 +23,7 @@ from onnx import TensorProto, helper
 
 from ..models.config import TextConfig
 from ..models.ministral3 import LINEARS
+from ..quant.int4 import pack_int4
 from .onnx_builder import GraphBuilder, save
 
 NEG_INF = -1e9  # masked score; finite so no NaN appears in fp16 or on any backend
@@ -33,12 +34,8 @@ def _np_dtype(dtype: str):
 
 
 def _int4_initializer(name: str, values: np.ndarray) -> TensorProto:
-    """ONNX INT4 tensor from int8 values in [-8, 7]: two per byte, first element in the low nibble."""
-    flat = values.astype(np.int8).ravel()
-    if flat.size % 2:
-        flat = np.append(flat, np.int8(0))
-    nibbles = (flat.astype(np.uint8) & 0x0F).reshape(-1, 2)
-    packed = (nibbles[:, 0] | (nibbles[:, 1] << 4)).astype(np.uint8)
+    """ONNX INT4 tensor from int8 values in [-8, 7] (two per byte, first in the low nibble)."""
+    packed = pack_int4(np.ascontiguousarray(values))
     return helper.make_tensor(name, TensorProto.INT4, values.shape, packed.tobytes(), raw=True)
 
 
