@@ -1,7 +1,6 @@
 # edge_sdk — everything a newcomer or CI needs, from a fresh machine.
 #   make demo   build a tiny Ministral 3 into an INT4 engine package and serve it over a local mosquitto
 #   make test   run the test suite
-#   make flash  install onto a Jetson (see devices/flash.sh)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -9,7 +8,7 @@ PY     := $(VENV)/bin/python
 SYSTEM_PACKAGES := mosquitto mosquitto-clients libmosquitto-dev gcc
 DEMO_DIR := engines/demo
 
-.PHONY: demo test serve bench flash system-deps install clean
+.PHONY: demo test system-deps install clean
 
 # Debian packages: the broker the daemon talks to, and libmosquitto for the C firmware example.
 system-deps:
