@@ -161,3 +161,12 @@ def test_bad_images(tmp_path):
         preprocess_image(bad)
     with pytest.raises(ImageError):
         preprocess_image(12345)  # type: ignore[arg-type]
+
+
+def test_frame_dtypes():
+    rgb = random_image(40, 60, 3, seed=2)
+    ref = preprocess_image(rgb, rgb=True)
+    np.testing.assert_array_equal(preprocess_image(rgb.astype(np.uint16) * 257, rgb=True), ref)  # 16-bit
+    np.testing.assert_array_equal(preprocess_image(rgb[:, :, :1]), preprocess_image(rgb[:, :, 0]))  # [H,W,1]
+    with pytest.raises(ImageError, match="dtype"):
+        preprocess_image(rgb.astype(np.float32))
