@@ -6,6 +6,7 @@ ONNX graphs and the TensorRT engines cannot disagree about the model.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -28,6 +29,17 @@ def find_tokenizer(checkpoint_dir: Path) -> Path:
         if (checkpoint_dir / name).exists():
             return checkpoint_dir / name
     raise CheckpointError(f"{checkpoint_dir}: no tekken.json found; pass --tokenizer FILE")
+
+
+def _write_tokenizer(src: Path, dst: Path, max_image_size: int) -> None:
+    """Copy tekken.json, capping its image size at the device's budget (image tokens grow with
+    the square of the side: 1540 px is 3,025 tokens, too many for an Orin Nano per frame)."""
+    data = json.loads(src.read_text())
+    image = data.get("image")
+    if image and image.get("max_image_size", max_image_size) > max_image_size:
+        image["max_image_size"] = max_image_size
+        log.info("tokenizer: image size capped at %d px for this device", max_image_size)
+    dst.write_text(json.dumps(data, ensure_ascii=False))
 
 
 def default_output(checkpoint_dir: Path, recipe: QuantRecipe, device: str) -> Path:
@@ -70,7 +82,7 @@ def build(checkpoint: str | Path, recipe: QuantRecipe, device: str = "cpu", out:
         vision_weights = {n: ckpt.get(n) for n in ckpt.names() if n.startswith(("vision_tower.", "multi_modal_projector."))}
         export_vision(vision_weights, cfg.vision, cfg.text.hidden_size, out_dir, dtype=dtype)
         graphs["vision"] = graph_entry(out_dir, "vision.onnx")
-    shutil.copy(tok_path, out_dir / "tekken.json")
+    _write_tokenizer(tok_path, out_dir / "tekken.json", profile.max_image_size)
 
     manifest = Manifest(
         model_name=ckpt_dir.resolve().name, model=cfg, quant=recipe.model_dump(), device=profile.name,
