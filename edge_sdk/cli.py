@@ -16,6 +16,8 @@ EPILOG = """examples:
   edge-sdk build ./Ministral-3-3B-Instruct-2512 --quant int4 --device orin-nano-8gb
   edge-sdk generate engines/my-model --prompt "Where is the charging dock?" --max-tokens 64
   edge-sdk verify engines/my-model
+  edge-sdk serve engines/my-model --host localhost --port 1883 --device-id robot-1
+  edge-sdk bench engines/my-model [--mqtt | --vision]
   edge-sdk devices
 """
 
@@ -106,6 +108,33 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    """Decode speed vs the bandwidth roofline; with --mqtt, the broker's overhead; with --vision, images."""
+    if args.mqtt:
+        from .runtime.model import load
+        from .serve.bench import bench_mqtt, format_bench
+
+        model = load(args.engine, backend=args.backend, **_backend_options(args))
+        report = bench_mqtt(model, max_tokens=args.new_tokens, runs=args.runs, host=args.broker_host,
+                            port=args.broker_port)
+        text = format_bench(report)
+    elif args.vision:
+        from .export.vision import bench_vision
+
+        report = {"vision": bench_vision(Path(args.engine) / "vision.onnx", sizes=tuple(args.sizes),
+                                         repeats=args.runs, threads=args.threads)}
+        text = "\n".join(f"{r['size']:>4}px  {r['image_tokens']:>5} image tokens  preprocess {r['preprocess_ms']:7.1f} ms"
+                         f"  encoder {r['encode_ms']:9.1f} ms" for r in report["vision"])
+    else:
+        from .bench import bench_package, format_report
+
+        report = bench_package(Path(args.engine), backend=args.backend, threads=args.threads,
+                               prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs)
+        text = format_report(report)
+    print(json.dumps(report, default=str) if args.json else text)
+    return 0
+
+
 def cmd_devices(args) -> int:
     from .devices import list_profiles, load_profile
 
@@ -118,6 +147,8 @@ def cmd_devices(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .serve.cli import add_schema_arguments, add_serve_arguments, run_schema, run_serve
+
     parser = argparse.ArgumentParser(prog="edge-sdk", description=__doc__.splitlines()[0], epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -165,6 +196,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="device profile (default: the one the package was built for)")
     p.add_argument("--max-prefill", type=int, default=512, help="longest prompt chunk per TensorRT call")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("bench", help="measure speed: decode vs roofline, MQTT overhead, or vision",
+                       description="Benchmarks report ratios against a roofline or a peer measured in the "
+                                   "same run: decode tokens/s against host memory bandwidth / weight bytes; "
+                                   "MQTT against in-process generation; INT4 accuracy levels against each other.")
+    p.add_argument("engine", help="engine package directory")
+    p.add_argument("--mqtt", action="store_true", help="time to first token and tokens/s through mosquitto vs in-process")
+    p.add_argument("--vision", action="store_true", help="per-frame preprocessing and vision encoder time")
+    p.add_argument("--sizes", type=int, nargs="+", default=[224, 448, 896], help="image sides for --vision")
+    p.add_argument("--broker-host", help="use this broker for --mqtt (default: start a private mosquitto)")
+    p.add_argument("--broker-port", type=int)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print the raw report as JSON")
+    _add_backend(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="serve an engine package over MQTT (the on-device daemon)",
+                       description="Connect to the local MQTT broker and serve text and image requests; "
+                                   "see edge_sdk/serve/PROTOCOL.md for topics and payloads.")
+    add_serve_arguments(p)
+    p.set_defaults(func=run_serve)
+
+    p = sub.add_parser("schema", help="print the JSON Schemas of the MQTT payloads")
+    add_schema_arguments(p)
+    p.set_defaults(func=run_schema)
 
     p = sub.add_parser("devices", help="list device profiles")
     p.set_defaults(func=cmd_devices)

@@ -1,0 +1,752 @@
+"""The Python SDK: talk to an edge_sdk daemon through the MQTT broker.
+
+    from edge_sdk import Client
+    with Client(host="localhost", port=1883, device_id="jetson") as c:
+        print(c.chat("Hello!", max_tokens=32, seed=0).text)
+        for delta in c.chat([{"role": "user", "content": "Count to 5"}], stream=True):
+            print(delta.text, end="", flush=True)
+
+``AsyncClient`` has the same methods as coroutines. Both speak the contract in
+edge_sdk/serve/PROTOCOL.md: requests on ``P/v1/N/req/C/chat`` with an MQTT 5 Response Topic
+inside this client's inbox, events back there, the device's retained status and capabilities.
+
+Robustness: a disconnected SDK reconnects by itself, and when the device says 'online' again it
+re-sends the requests still waiting (same request id: the daemon does not run one twice and
+re-sends a finished request's final event). A device going 'offline' fails waiting requests at
+once with ``DeviceOfflineError``; every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator
+
+import paho.mqtt.client as mqtt
+
+from edge_sdk.mqtt_common import (DEFAULT_PREFIX, NAME_RE, Topics, check_device_id, dumps, make_client,
+                                  new_client_id, prop, publish_props)
+from edge_sdk.serve.protocol import Capabilities, Delta, Result
+
+log = logging.getLogger("edge_sdk.client")
+
+ChatResult = Result
+ChatDelta = Delta
+
+__all__ = ["Client", "AsyncClient", "ChatStream", "AsyncChatStream", "ChatResult", "ChatDelta", "Capabilities",
+           "EdgeError", "BadRequestError", "UnsupportedMediaError", "BusyError", "DeviceOfflineError",
+           "RequestTimeoutError", "ServerError", "BrokerConnectionError", "discover"]
+
+
+# --- exceptions -------------------------------------------------------------------------------------
+
+
+class EdgeError(Exception):
+    """Base of every SDK error; carries the daemon's status, code and the request id."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
+                 request_id: str | None = None, event: dict | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.request_id = request_id
+        self.event = event
+
+
+class BadRequestError(EdgeError):
+    """The daemon refused the request as malformed or impossible (400, 404, 413, 415)."""
+
+
+class UnsupportedMediaError(BadRequestError):
+    """An image (or other part) the device's model cannot take (415)."""
+
+
+class BusyError(EdgeError):
+    """The device's queue is full (429); retry after ``retry_after_ms``."""
+
+    def __init__(self, message: str, *, retry_after_ms: int | None = None, **kw):
+        super().__init__(message, **kw)
+        self.retry_after_ms = retry_after_ms
+
+
+class DeviceOfflineError(EdgeError):
+    """The device is offline, stopping, or has never said it is online."""
+
+
+class RequestTimeoutError(EdgeError, TimeoutError):
+    """No final answer within the timeout (the SDK cancels the request on the device)."""
+
+
+class ServerError(EdgeError):
+    """The daemon failed while running the request (500)."""
+
+
+class BrokerConnectionError(EdgeError, ConnectionError):
+    """The MQTT broker cannot be reached or refused the connection."""
+
+
+def error_from_event(ev: dict) -> EdgeError:
+    status = ev.get("status") or 500
+    kw = dict(status=status, code=ev.get("code"), request_id=ev.get("request_id"), event=ev)
+    msg = f"[{status} {ev.get('code')}] {ev.get('message')}"
+    if status == 429:
+        return BusyError(msg, retry_after_ms=ev.get("retry_after_ms"), **kw)
+    if status == 415:
+        return UnsupportedMediaError(msg, **kw)
+    if status == 503:
+        return DeviceOfflineError(msg, **kw)
+    if 400 <= status < 500:
+        return BadRequestError(msg, **kw)
+    return ServerError(msg, **kw)
+
+
+# --- the shared core (paho network thread side) -------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Pending:
+    request_id: str
+    topic: str
+    body: bytes
+    props: Any
+    deliver: Callable[[Any], None]
+    last_seq: int = -1
+    resend: bool = False
+    suppress_deltas: bool = False
+    done: bool = False
+
+
+@dataclass
+class _Settings:
+    host: str = "localhost"
+    port: int = 1883
+    device_id: str | None = None
+    prefix: str = DEFAULT_PREFIX
+    username: str | None = None
+    password: str | None = None
+    client_id: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_insecure: bool = False
+    transport: str = "tcp"
+    keepalive: int = 15
+    timeout: float = 120.0
+    connect_timeout: float = 5.0
+    status_wait: float = 2.0
+    extra: dict = field(default_factory=dict)
+
+
+class _Core:
+    """One paho connection: subscriptions, the pending-request table, status and capabilities."""
+
+    def __init__(self, st: _Settings):
+        self.st = st
+        self.client_id = st.client_id or new_client_id("edge-sdk")
+        self.name = st.username or self.client_id
+        if not NAME_RE.match(self.name):
+            raise ValueError(f"client name {self.name!r} (the username, else the client id) must match "
+                             "[A-Za-z0-9][A-Za-z0-9_-]*: it is a topic level")
+        if st.device_id is None:
+            found = discover(**_conn_kwargs(st), timeout=st.status_wait)
+            online = sorted(d for d, c in found.items() if c.get("status") == "online") or sorted(found)
+            if len(online) != 1:
+                raise DeviceOfflineError(f"device_id not given and {len(online)} devices found under "
+                                         f"{st.prefix!r}: {online}")
+            st.device_id = online[0]
+        self.topics = Topics(st.prefix, check_device_id(st.device_id))
+        # A per-connection reply topic inside this client name's inbox (several SDK instances may
+        # share one username).
+        self.reply_topic = f"{self.topics.inbox(self.name)}/{self.client_id}"
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._pending: dict[str, _Pending] = {}
+        self.status: str | None = None
+        self.caps: dict | None = None
+        self._subscribed = threading.Event()
+        self._sub_mid: int | None = None
+        self._closed = False
+        self.connected = threading.Event()
+        self._connect_error: str | None = None
+
+        c = self.client = make_client(self.client_id, username=st.username, password=st.password,
+                                      tls_ca=st.tls_ca, tls_cert=st.tls_cert, tls_key=st.tls_key,
+                                      tls_insecure=st.tls_insecure, transport=st.transport)
+        # If this process vanishes, the broker cancels its requests on the device.
+        c.will_set(self.topics.request(self.name, "cancel"),
+                   dumps({"v": 1, "all": True, "reply_to": self.reply_topic}), qos=1)
+        c.reconnect_delay_set(0.1, 2.0)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_subscribe = self._on_subscribe
+        c.on_message = self._on_message
+
+    # connection
+
+    def connect(self) -> None:
+        st = self.st
+        try:
+            self.client.connect(st.host, st.port, keepalive=st.keepalive, clean_start=True)
+        except (OSError, ValueError) as e:
+            raise BrokerConnectionError(f"cannot reach the MQTT broker at {st.host}:{st.port}: {e}") from e
+        self.client.loop_start()
+        self._subscribed.wait(st.connect_timeout)
+        if self._connect_error or not self.connected.is_set():
+            err = self._connect_error or "no answer"
+            self.close()
+            raise BrokerConnectionError(f"MQTT broker at {st.host}:{st.port} did not accept us: {err}")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            pend = list(self._pending.values())
+            self._pending.clear()
+        for p in pend:  # tell the device, then the waiters
+            self._publish_cancel(p.request_id)
+            p.deliver(DeviceOfflineError("client closed", request_id=p.request_id))
+        try:
+            self.client.disconnect()  # a clean disconnect: the Will (cancel all) is not sent
+        finally:
+            self.client.loop_stop()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            self._connect_error = str(reason_code)
+            log.error("broker refused the connection: %s", reason_code)
+            self._subscribed.set()  # wake connect(); it reports the error
+            return
+        self.connected.set()
+        with self._lock:
+            for p in self._pending.values():
+                p.resend = True
+        # (re)subscribe: the inbox first, then status (whose retained 'online' triggers re-sends)
+        _, self._sub_mid = client.subscribe([(self.reply_topic, 1), (self.topics.capabilities, 1),
+                                             (self.topics.status, 1)])
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self.connected.clear()
+        if not self._closed:
+            log.warning("disconnected from the broker (%s); reconnecting", reason_code)
+        with self._lock:
+            self.status = None  # unknown until the broker tells us again
+            for p in self._pending.values():
+                p.resend = True
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        if mid == self._sub_mid:
+            bad = [rc for rc in reason_codes if rc.is_failure]
+            if bad:
+                self._connect_error = f"subscription refused: {bad}"
+                log.error("broker refused our subscriptions: %s", bad)
+            self._subscribed.set()
+
+    def _on_message(self, client, userdata, msg):
+        try:
+            if msg.topic == self.reply_topic:
+                self._on_event(msg)
+            elif msg.topic == self.topics.status:
+                self._on_status(msg.payload.decode("utf-8", "replace"))
+            elif msg.topic == self.topics.capabilities:
+                caps = json.loads(msg.payload) if msg.payload else None
+                with self._cond:
+                    self.caps = caps
+                    self._cond.notify_all()
+        except Exception:
+            log.exception("bad message on %s", msg.topic)
+
+    def _on_status(self, status: str) -> None:
+        with self._cond:
+            self.status = status or None
+            self._cond.notify_all()
+            pend = list(self._pending.values())
+            if status == "offline":
+                self._pending.clear()
+        if status == "offline":
+            for p in pend:
+                p.deliver(DeviceOfflineError(f"device {self.topics.device_id!r} went offline",
+                                             request_id=p.request_id, code="offline", status=503))
+        elif status == "online":
+            for p in pend:
+                if p.resend:
+                    p.resend = False
+                    log.info("re-sending request %s after a reconnect", p.request_id)
+                    self.client.publish(p.topic, p.body, qos=1, properties=p.props)
+
+    def _on_event(self, msg) -> None:
+        ev = json.loads(msg.payload)
+        corr = prop(msg, "CorrelationData")
+        rid = None
+        if corr:
+            try:
+                rid = bytes(corr).decode("utf-8")
+            except UnicodeDecodeError:
+                rid = None
+        rid = rid or ev.get("request_id")
+        with self._lock:
+            p = self._pending.get(rid)
+            if p is None:
+                return  # late or duplicate
+            seq = ev.get("seq", 0)
+            kind = ev.get("type")
+            if kind == "accepted" and p.last_seq > 0:
+                p.suppress_deltas = True  # the device ran it again from the start (it had restarted)
+            elif seq <= p.last_seq:
+                return
+            p.last_seq = max(p.last_seq, seq)
+            terminal = kind in ("result", "error")
+            if terminal:
+                self._pending.pop(rid, None)
+                p.done = True
+            if kind == "delta" and p.suppress_deltas:
+                return
+        p.deliver(ev)
+
+    # requests
+
+    def wait_status(self, timeout: float) -> str | None:
+        end = time.monotonic() + timeout
+        with self._cond:
+            while self.status is None:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            return self.status
+
+    def submit(self, payload: dict, deliver: Callable[[Any], None], timeout: float | None) -> _Pending:
+        if self._closed:
+            raise EdgeError("client is closed")
+        status = self.wait_status(min(self.st.status_wait, timeout or self.st.status_wait))
+        if status != "online" and status != "stopping":
+            raise DeviceOfflineError(
+                f"device {self.topics.device_id!r} is {status or 'not announced on the broker'} "
+                f"(status topic {self.topics.status})", status=503, code="offline",
+                request_id=payload.get("request_id"))
+        rid = payload["request_id"]
+        topic = self.topics.request(self.name, "chat")
+        props = publish_props(correlation=rid.encode(), response_topic=self.reply_topic,
+                              expiry_s=math.ceil(timeout) if timeout else None)
+        p = _Pending(rid, topic, dumps(payload), props, deliver)
+        with self._lock:
+            if rid in self._pending:
+                raise ValueError(f"request id {rid!r} is already in use")
+            self._pending[rid] = p
+        info = self.client.publish(topic, p.body, qos=1, properties=props)
+        if info.rc == mqtt.MQTT_ERR_NO_CONN:
+            p.resend = False  # paho re-sends queued QoS 1 messages itself on reconnect
+        return p
+
+    def forget(self, rid: str) -> None:
+        with self._lock:
+            self._pending.pop(rid, None)
+
+    def _publish_cancel(self, rid: str) -> None:
+        try:
+            self.client.publish(self.topics.request(self.name, "cancel"),
+                                dumps({"v": 1, "request_id": rid}), qos=1, properties=publish_props())
+        except Exception:  # pragma: no cover
+            log.debug("cancel publish failed", exc_info=True)
+
+    def cancel(self, rid: str) -> None:
+        self._publish_cancel(rid)
+
+    def capabilities(self, timeout: float) -> Capabilities:
+        end = time.monotonic() + timeout
+        with self._cond:
+            while self.caps is None:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise DeviceOfflineError(f"no capabilities from device {self.topics.device_id!r}")
+                self._cond.wait(left)
+            return Capabilities.model_validate(self.caps)
+
+
+def _conn_kwargs(st: _Settings) -> dict:
+    return dict(host=st.host, port=st.port, prefix=st.prefix, username=st.username, password=st.password,
+                tls_ca=st.tls_ca, tls_cert=st.tls_cert, tls_key=st.tls_key, tls_insecure=st.tls_insecure,
+                transport=st.transport)
+
+
+def build_chat_payload(messages: str | Iterable[Any] | None = None, *, prompt: str | list[int] | None = None,
+                       request_id: str | None = None, max_tokens: int | None = None,
+                       temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                       seed: int | None = None, stop: list[str] | None = None, stream: bool = True,
+                       deadline: float | None = None, priority: int | None = None) -> dict:
+    """The JSON of a chat request (only the fields given; the daemon fills the defaults)."""
+    payload: dict[str, Any] = {"v": 1, "request_id": request_id or uuid.uuid4().hex}
+    if messages is not None:
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        payload["messages"] = [m.model_dump(exclude_none=True) if hasattr(m, "model_dump") else dict(m)
+                               for m in messages]
+    if prompt is not None:
+        payload["prompt"] = prompt
+    for k, v in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
+                 ("seed", seed), ("priority", priority)):
+        if v is not None:
+            payload[k] = v
+    if temperature is not None:
+        payload["temperature"] = float(temperature)
+    if top_p is not None:
+        payload["top_p"] = float(top_p)
+    if stop:
+        payload["stop"] = list(stop)
+    payload["stream"] = bool(stream)
+    if deadline is not None:
+        payload["deadline_ms"] = max(1, int(deadline * 1000))
+    return payload
+
+
+# --- sync client ------------------------------------------------------------------------------------
+
+
+class ChatStream:
+    """Iterator over a request's ``ChatDelta``s; ``.result`` holds the ``ChatResult`` afterwards.
+    Closing it early (or leaving a ``with`` block) cancels the request on the device."""
+
+    def __init__(self, core: _Core, pending: _Pending, q: queue.Queue, timeout: float):
+        self._core = core
+        self._p = pending
+        self._q = q
+        self._deadline = time.monotonic() + timeout
+        self._timeout = timeout
+        self.request_id = pending.request_id
+        self.result: ChatResult | None = None
+        self.queue_position: int | None = None
+        self._finished = False
+
+    def __iter__(self) -> Iterator[ChatDelta]:
+        return self
+
+    def __next__(self) -> ChatDelta:
+        while not self._finished:
+            left = self._deadline - time.monotonic()
+            try:
+                item = self._q.get(timeout=max(0.0, left))
+            except queue.Empty:
+                self._finished = True
+                self._core.forget(self.request_id)
+                self._core.cancel(self.request_id)
+                raise RequestTimeoutError(f"no final answer for {self.request_id} within {self._timeout:.1f} s",
+                                          request_id=self.request_id, code="timeout") from None
+            if isinstance(item, BaseException):
+                self._finished = True
+                raise item
+            kind = item.get("type")
+            if kind == "accepted":
+                self.queue_position = item.get("queue_position")
+            elif kind == "delta":
+                return Delta.model_validate(item)
+            elif kind == "result":
+                self._finished = True
+                self.result = Result.model_validate(item)
+            elif kind == "error":
+                self._finished = True
+                raise error_from_event(item)
+        raise StopIteration
+
+    def wait(self) -> ChatResult:
+        """Consume the rest of the stream and return the final result."""
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+    @property
+    def text(self) -> str | None:
+        return self.result.text if self.result else None
+
+    def cancel(self) -> None:
+        """Ask the device to stop; the stream then ends with finish_reason 'cancelled'."""
+        if not self._finished:
+            self._core.cancel(self.request_id)
+
+    def close(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._core.forget(self.request_id)
+            self._core.cancel(self.request_id)
+
+    def __enter__(self) -> "ChatStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Client:
+    """A synchronous client for one device. Thread-safe: several threads may chat at once."""
+
+    def __init__(self, host: str = "localhost", port: int = 1883, device_id: str | None = None, *,
+                 prefix: str = DEFAULT_PREFIX, username: str | None = None, password: str | None = None,
+                 client_id: str | None = None, tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None, tls_insecure: bool = False, transport: str = "tcp",
+                 timeout: float = 120.0, connect_timeout: float = 5.0, status_wait: float = 2.0,
+                 keepalive: int = 15):
+        """Connect to the broker (``BrokerConnectionError`` if it cannot). ``device_id`` None:
+        discover the one device under ``prefix``. ``timeout``: default per-request timeout (s)."""
+        self._st = _Settings(host, port, device_id, prefix, username, password, client_id, tls_ca, tls_cert,
+                             tls_key, tls_insecure, transport, keepalive, timeout, connect_timeout, status_wait)
+        self._core = _Core(self._st)
+        self._core.connect()
+
+    @property
+    def device_id(self) -> str:
+        return self._core.topics.device_id
+
+    @property
+    def client_id(self) -> str:
+        return self._core.client_id
+
+    @property
+    def status(self) -> str | None:
+        """The device's last known status: 'online', 'stopping', 'offline' or None (unknown)."""
+        return self._core.status
+
+    def wait_status(self, timeout: float = 2.0) -> str | None:
+        """The device's status, waiting up to ``timeout`` s while it is still unknown."""
+        return self._core.wait_status(timeout)
+
+    def capabilities(self, timeout: float = 5.0) -> Capabilities:
+        """The device's retained capabilities (model, modalities, limits, schema version)."""
+        return self._core.capabilities(timeout)
+
+    def chat(self, messages: str | Iterable[Any] | None = None, *, prompt: str | list[int] | None = None,
+             max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+             top_k: int | None = None, seed: int | None = None, stop: list[str] | None = None,
+             stream: bool = False, timeout: float | None = None, deadline: float | None = None,
+             priority: int | None = None, request_id: str | None = None) -> ChatResult | ChatStream:
+        """Run a chat request. ``messages``: a string (one user turn) or [{"role", "content"}].
+        ``stream=False`` returns the ``ChatResult``; ``stream=True`` a ``ChatStream`` of deltas.
+        ``timeout`` (s) bounds the wait here; ``deadline`` (s) makes the device stop generating
+        (finish_reason 'deadline'). Raises BusyError, BadRequestError, DeviceOfflineError,
+        RequestTimeoutError, ServerError."""
+        timeout = self._st.timeout if timeout is None else timeout
+        payload = build_chat_payload(messages, prompt=prompt, request_id=request_id, max_tokens=max_tokens,
+                                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+                                     stream=stream, deadline=deadline, priority=priority)
+        q: queue.Queue = queue.Queue()
+        p = self._core.submit(payload, q.put, timeout)
+        s = ChatStream(self._core, p, q, timeout)
+        return s if stream else s.wait()
+
+    def cancel(self, request_id: str) -> None:
+        """Ask the device to stop a request (harmless if it is unknown or finished)."""
+        self._core.cancel(request_id)
+
+    def close(self) -> None:
+        self._core.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --- asyncio client ---------------------------------------------------------------------------------
+
+
+class AsyncChatStream:
+    """``async for delta in stream``; ``.result`` afterwards. ``await stream.aclose()`` cancels."""
+
+    def __init__(self, core: _Core, pending: _Pending, q: asyncio.Queue, timeout: float):
+        self._core = core
+        self._q = q
+        self._deadline = time.monotonic() + timeout
+        self._timeout = timeout
+        self.request_id = pending.request_id
+        self.result: ChatResult | None = None
+        self.queue_position: int | None = None
+        self._finished = False
+
+    def __aiter__(self) -> AsyncIterator[ChatDelta]:
+        return self
+
+    async def __anext__(self) -> ChatDelta:
+        while not self._finished:
+            left = self._deadline - time.monotonic()
+            try:
+                item = await asyncio.wait_for(self._q.get(), timeout=max(0.0, left))
+            except asyncio.TimeoutError:
+                self._finished = True
+                self._core.forget(self.request_id)
+                self._core.cancel(self.request_id)
+                raise RequestTimeoutError(f"no final answer for {self.request_id} within {self._timeout:.1f} s",
+                                          request_id=self.request_id, code="timeout") from None
+            if isinstance(item, BaseException):
+                self._finished = True
+                raise item
+            kind = item.get("type")
+            if kind == "accepted":
+                self.queue_position = item.get("queue_position")
+            elif kind == "delta":
+                return Delta.model_validate(item)
+            elif kind == "result":
+                self._finished = True
+                self.result = Result.model_validate(item)
+            elif kind == "error":
+                self._finished = True
+                raise error_from_event(item)
+        raise StopAsyncIteration
+
+    async def wait(self) -> ChatResult:
+        async for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+    def cancel(self) -> None:
+        if not self._finished:
+            self._core.cancel(self.request_id)
+
+    async def aclose(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._core.forget(self.request_id)
+            self._core.cancel(self.request_id)
+
+    async def __aenter__(self) -> "AsyncChatStream":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+
+class AsyncClient:
+    """The asyncio twin of ``Client``: ``async with AsyncClient(...) as c: await c.chat(...)``.
+    paho runs in its own thread; events reach the event loop with call_soon_threadsafe."""
+
+    def __init__(self, host: str = "localhost", port: int = 1883, device_id: str | None = None, *,
+                 prefix: str = DEFAULT_PREFIX, username: str | None = None, password: str | None = None,
+                 client_id: str | None = None, tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None, tls_insecure: bool = False, transport: str = "tcp",
+                 timeout: float = 120.0, connect_timeout: float = 5.0, status_wait: float = 2.0,
+                 keepalive: int = 15):
+        self._st = _Settings(host, port, device_id, prefix, username, password, client_id, tls_ca, tls_cert,
+                             tls_key, tls_insecure, transport, keepalive, timeout, connect_timeout, status_wait)
+        self._core: _Core | None = None
+
+    async def connect(self) -> "AsyncClient":
+        if self._core is None:
+            def _mk():
+                core = _Core(self._st)
+                core.connect()
+                return core
+            self._core = await asyncio.get_running_loop().run_in_executor(None, _mk)
+        return self
+
+    async def _c(self) -> _Core:
+        return self._core or (await self.connect())._core
+
+    @property
+    def device_id(self) -> str | None:
+        return self._core.topics.device_id if self._core else self._st.device_id
+
+    @property
+    def status(self) -> str | None:
+        return self._core.status if self._core else None
+
+    async def capabilities(self, timeout: float = 5.0) -> Capabilities:
+        core = await self._c()
+        return await asyncio.get_running_loop().run_in_executor(None, core.capabilities, timeout)
+
+    async def chat(self, messages: str | Iterable[Any] | None = None, *, prompt: str | list[int] | None = None,
+                   max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                   top_k: int | None = None, seed: int | None = None, stop: list[str] | None = None,
+                   stream: bool = False, timeout: float | None = None, deadline: float | None = None,
+                   priority: int | None = None, request_id: str | None = None) -> ChatResult | AsyncChatStream:
+        """As ``Client.chat``; with ``stream=True`` returns an ``AsyncChatStream``."""
+        core = await self._c()
+        timeout = self._st.timeout if timeout is None else timeout
+        payload = build_chat_payload(messages, prompt=prompt, request_id=request_id, max_tokens=max_tokens,
+                                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+                                     stream=stream, deadline=deadline, priority=priority)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+
+        def deliver(item, _loop=loop, _q=q):
+            try:
+                _loop.call_soon_threadsafe(_q.put_nowait, item)
+            except RuntimeError:  # loop closed
+                pass
+
+        if core.status is None:  # waiting for the retained status blocks: do it off the loop
+            await loop.run_in_executor(None, core.wait_status, min(self._st.status_wait, timeout))
+        p = core.submit(payload, deliver, timeout)
+        s = AsyncChatStream(core, p, q, timeout)
+        return s if stream else await s.wait()
+
+    async def cancel(self, request_id: str) -> None:
+        (await self._c()).cancel(request_id)
+
+    async def close(self) -> None:
+        if self._core is not None:
+            core, self._core = self._core, None
+            await asyncio.get_running_loop().run_in_executor(None, core.close)
+
+    async def __aenter__(self) -> "AsyncClient":
+        return await self.connect()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+# --- discovery ----------------------------------------------------------------------------------------
+
+
+def discover(host: str = "localhost", port: int = 1883, *, prefix: str = DEFAULT_PREFIX, timeout: float = 1.0,
+             username: str | None = None, password: str | None = None, tls_ca: str | None = None,
+             tls_cert: str | None = None, tls_key: str | None = None, tls_insecure: bool = False,
+             transport: str = "tcp") -> dict[str, dict]:
+    """Devices announced under ``prefix``: device id -> capabilities dict plus its 'status'.
+    Reads the retained ``P/v1/+/capabilities`` and ``P/v1/+/status`` for ``timeout`` seconds."""
+    found: dict[str, dict] = {}
+    done = threading.Event()
+    c = make_client(new_client_id("edge-sdk-discover"), username=username, password=password, tls_ca=tls_ca,
+                    tls_cert=tls_cert, tls_key=tls_key, tls_insecure=tls_insecure, transport=transport)
+    t = Topics(prefix, "x")
+
+    def on_connect(client, userdata, flags, rc, props):
+        if not rc.is_failure:
+            client.subscribe([(t.all_devices("capabilities"), 1), (t.all_devices("status"), 1)])
+
+    def on_message(client, userdata, msg):
+        parts = msg.topic.split("/")
+        dev, leaf = parts[-2], parts[-1]
+        entry = found.setdefault(dev, {})
+        try:
+            if leaf == "capabilities" and msg.payload:
+                entry.update(json.loads(msg.payload))
+            elif leaf == "status":
+                entry["status"] = msg.payload.decode("utf-8", "replace")
+        except ValueError:
+            pass
+
+    c.on_connect = on_connect
+    c.on_message = on_message
+    try:
+        c.connect(host, port, keepalive=10)
+    except OSError as e:
+        raise BrokerConnectionError(f"cannot reach the MQTT broker at {host}:{port}: {e}") from e
+    c.loop_start()
+    done.wait(timeout)
+    c.disconnect()
+    c.loop_stop()
+    return {d: e for d, e in found.items() if e}

@@ -1,0 +1,117 @@
+"""Daemon configuration: one pydantic settings model read from (highest first) CLI flags,
+environment variables ``EDGE_SDK_<FIELD>`` and a TOML or JSON file (``--config FILE``)."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from edge_sdk.mqtt_common import DEFAULT_PREFIX, check_device_id, check_prefix, sanitize_device_id
+
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("edge_sdk_config_file", default=None)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A TOML (.toml) or JSON (.json) file; a ``[serve]`` table in TOML is used if present."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        data = tomllib.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a table of settings")
+    if isinstance(data.get("serve"), dict):
+        data = data["serve"]
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field, field_name):  # pragma: no cover - unused, __call__ does the work
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = _config_file.get()
+        return read_config_file(path) if path else {}
+
+
+class ServeSettings(BaseSettings):
+    """Everything ``edge-sdk serve`` can be told. Field names are also the TOML keys, the CLI
+    flags (``--queue-length``) and, upper-cased, the env vars (``EDGE_SDK_QUEUE_LENGTH``)."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGE_SDK_", extra="forbid", validate_default=True)
+
+    # broker connection
+    host: str = Field(default="localhost", description="MQTT broker host (or socket path with transport=unix)")
+    port: int = Field(default=1883, ge=0, le=65535)
+    transport: Literal["tcp", "unix", "websockets"] = "tcp"
+    username: str | None = None
+    password: SecretStr | None = None
+    tls_ca: Path | None = Field(default=None, description="CA file; setting it (or tls_cert) turns TLS on")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_insecure: bool = Field(default=False, description="skip the broker host-name check (tests only)")
+    keepalive: int = Field(default=30, ge=5, le=3600)
+    client_id: str | None = Field(default=None, description="default: edge-sdk-daemon-<device_id>")
+    reconnect_min_delay_s: float = Field(default=0.2, gt=0)
+    reconnect_max_delay_s: float = Field(default=5.0, gt=0)
+
+    # identity and topics
+    device_id: str = Field(default_factory=lambda: sanitize_device_id(socket.gethostname()))
+    topic_prefix: str = DEFAULT_PREFIX
+
+    # scheduling and limits
+    queue_length: int = Field(default=16, ge=1, description="requests waiting (besides the running one)")
+    max_pending_per_client: int = Field(default=8, ge=1, description="queued + running per client name")
+    max_tokens: int = Field(default=2048, ge=1, description="cap on a request's max_tokens")
+    default_max_tokens: int = Field(default=256, ge=1)
+    max_payload_bytes: int = Field(default=262_144, ge=1024)
+    max_messages: int = Field(default=64, ge=1)
+    max_deadline_ms: int | None = Field(default=None, ge=1, description="applied when a request has none")
+    stop_grace_s: float = Field(default=5.0, ge=0, description="on shutdown, how long running work may finish")
+    recent_requests: int = Field(default=512, ge=0, description="finished request ids remembered for de-duplication")
+    max_queued_messages: int = Field(default=20_000, ge=0, description="paho's outgoing buffer while the broker is away")
+
+    # streaming and metrics
+    coalesce_ms: float = Field(default=25.0, ge=0, description="collect token deltas this long per message")
+    coalesce_tokens: int = Field(default=32, ge=1, description="... or this many tokens")
+    metrics_interval_s: float = Field(default=10.0, gt=0)
+    log_level: str = "INFO"
+
+    @field_validator("device_id")
+    @classmethod
+    def _dev(cls, v: str) -> str:
+        return check_device_id(v)
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        return check_prefix(v)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _FileSource(settings_cls))
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **overrides: Any) -> "ServeSettings":
+        """Settings from ``overrides`` (CLI; None values are ignored) > env > ``config_file`` > defaults."""
+        token = _config_file.set(Path(config_file) if config_file else None)
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        finally:
+            _config_file.reset(token)
+
+    @property
+    def effective_client_id(self) -> str:
+        return self.client_id or f"edge-sdk-daemon-{self.device_id}"
