@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from .sampling import Sampler
-from .types import ContextOverflowError, FinishReason, GenerationResult, SamplingParams, TextDelta
+from .types import FinishReason, GenerationError, GenerationResult, SamplingParams, TextDelta
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -35,10 +35,7 @@ class GenerationStream:
                  params: SamplingParams, context_length: int, eos_id: int,
                  cancel: threading.Event | None = None, deadline: float | None = None):
         if len(prompt_ids) == 0:
-            raise ContextOverflowError("the prompt is empty")
-        if len(prompt_ids) >= context_length:
-            raise ContextOverflowError(
-                f"prompt of {len(prompt_ids)} tokens does not fit the context of {context_length} tokens")
+            raise GenerationError("the prompt is empty")
         self.backend = backend
         self.tokenizer = tokenizer
         self.prompt_ids = list(prompt_ids)
@@ -86,7 +83,7 @@ class GenerationStream:
         position = len(self.prompt_ids)
 
         finish = self._interrupted() or finish
-        if finish == "length":
+        if finish == "length":  # not cancelled or past its deadline before it started
             logits, cache = self.backend.forward(self.prompt_embeds, np.arange(position), self.backend.new_cache())
             while True:
                 token = sampler(logits)

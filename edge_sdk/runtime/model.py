@@ -18,7 +18,7 @@ from ..package import load_manifest
 from ..tokenizer import Tokenizer
 from .backend import create_backend
 from .generate import GenerationStream
-from .types import GenerationError, GenerationResult, SamplingParams
+from .types import ContextOverflowError, GenerationError, GenerationResult, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class Model:
                                 stop_token_ids=tuple(stop_token_ids))
         ids, images = self.encode_prompt(prompt)
         if len(ids) >= self.context_length:
-            raise GenerationError(
+            raise ContextOverflowError(
                 f"prompt of {len(ids)} tokens does not fit the context of {self.context_length} tokens")
         return GenerationStream(self.backend, self.tokenizer, ids, self._prompt_embeds(ids, images), params,
                                 self.context_length, self.tokenizer.eos_id, cancel=cancel, deadline=deadline)
