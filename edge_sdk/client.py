@@ -6,6 +6,12 @@
         for delta in c.chat([{"role": "user", "content": "Count to 5"}], stream=True):
             print(delta.text, end="", flush=True)
 
+Images: ``{"type": "image", "image": path | bytes | HxWx3 uint8 RGB ndarray}`` parts (the SDK
+encodes them: one image goes as an MQTT 5 binary payload, several as base64 in the JSON) or
+``{"type": "image", "camera": "front"}`` (the device's newest frame). ``client.watch(camera, prompt,
+every=2.0)`` registers a watch job and iterates its events; ``client.snapshot(camera)`` returns a
+JPEG.
+
 ``AsyncClient`` has the same methods as coroutines. Both speak the contract in
 edge_sdk/serve/PROTOCOL.md: requests on ``P/v1/N/req/C/chat`` with an MQTT 5 Response Topic
 inside this client's inbox, events back there, the device's retained status and capabilities.
@@ -19,7 +25,9 @@ once with ``DeviceOfflineError``; every wait has a timeout.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 import logging
 import math
 import queue
@@ -32,8 +40,10 @@ from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 import paho.mqtt.client as mqtt
 
 from edge_sdk.mqtt_common import (DEFAULT_PREFIX, NAME_RE, Topics, check_device_id, dumps, make_client,
-                                  new_client_id, prop, publish_props)
-from edge_sdk.serve.protocol import Capabilities, Delta, Result
+                                  new_client_id, prop, publish_props, user_props)
+from edge_sdk.serve.cameras import sniff_mime
+from edge_sdk.serve.protocol import (REQUEST_PROPERTY, Capabilities, Delta, Result, WatchEnd, WatchError,
+                                     WatchEvent, WatchRegistered)
 
 log = logging.getLogger("edge_sdk.client")
 
@@ -41,8 +51,14 @@ ChatResult = Result
 ChatDelta = Delta
 
 __all__ = ["Client", "AsyncClient", "ChatStream", "AsyncChatStream", "ChatResult", "ChatDelta", "Capabilities",
-           "EdgeError", "BadRequestError", "UnsupportedMediaError", "BusyError", "DeviceOfflineError",
-           "RequestTimeoutError", "ServerError", "BrokerConnectionError", "discover"]
+           "WatchHandle", "AsyncWatchHandle", "WatchEvent", "WatchError", "WatchEnd", "WatchRegistered",
+           "EdgeError", "BadRequestError", "UnsupportedMediaError", "InvalidImageError", "BusyError",
+           "DeviceOfflineError", "CameraUnavailableError", "RequestTimeoutError", "ServerError",
+           "BrokerConnectionError", "discover"]
+
+#: MQTT 5 user properties are UTF-8 strings of at most 65,535 bytes: a bigger JSON request falls
+#: back to base64 images in the JSON payload.
+_MAX_USER_PROPERTY = 60_000
 
 
 # --- exceptions -------------------------------------------------------------------------------------
@@ -66,7 +82,15 @@ class BadRequestError(EdgeError):
 
 
 class UnsupportedMediaError(BadRequestError):
-    """An image (or other part) the device's model cannot take (415)."""
+    """An image (or other part) the device's model cannot take, or an unknown camera (415)."""
+
+
+class InvalidImageError(BadRequestError):
+    """An image that does not decode: empty, truncated, corrupt (400 invalid_image)."""
+
+
+class CameraUnavailableError(EdgeError):
+    """The device's camera has no fresh frame right now (503 camera_unavailable); retry later."""
 
 
 class BusyError(EdgeError):
@@ -101,6 +125,10 @@ def error_from_event(ev: dict) -> EdgeError:
         return BusyError(msg, retry_after_ms=ev.get("retry_after_ms"), **kw)
     if status == 415:
         return UnsupportedMediaError(msg, **kw)
+    if ev.get("code") == "invalid_image":
+        return InvalidImageError(msg, **kw)
+    if ev.get("code") == "camera_unavailable":
+        return CameraUnavailableError(msg, **kw)
     if status == 503:
         return DeviceOfflineError(msg, **kw)
     if 400 <= status < 500:
@@ -176,6 +204,10 @@ class _Core:
         self._closed = False
         self.connected = threading.Event()
         self._connect_error: str | None = None
+        self._subs: dict[str, Callable[[Any], None]] = {}  # extra topics (watch events) -> handler
+        self._sub_waits: dict[int, threading.Event] = {}
+        self._offline_listeners: list[Callable[[], None]] = []
+        self._watches: list[Any] = []  # listening watch handles (closing the client cancels non-persistent ones)
 
         c = self.client = make_client(self.client_id, username=st.username, password=st.password,
                                       tls_ca=st.tls_ca, tls_cert=st.tls_cert, tls_key=st.tls_key,
@@ -214,6 +246,10 @@ class _Core:
         for p in pend:  # tell the device, then the waiters
             self._publish_cancel(p.request_id)
             p.deliver(DeviceOfflineError("client closed", request_id=p.request_id))
+        for h in list(self._watches):
+            if not h.persistent:
+                h._send_cancel()
+            h._deliver(None)
         try:
             self.client.disconnect()  # a clean disconnect: the Will (cancel all) is not sent
         finally:
@@ -230,8 +266,10 @@ class _Core:
             for p in self._pending.values():
                 p.resend = True
         # (re)subscribe: the inbox first, then status (whose retained 'online' triggers re-sends)
+        with self._lock:
+            extra = [(t, 1) for t in self._subs]
         _, self._sub_mid = client.subscribe([(self.reply_topic, 1), (self.topics.capabilities, 1),
-                                             (self.topics.status, 1)])
+                                             (self.topics.status, 1), *extra])
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self.connected.clear()
@@ -243,6 +281,11 @@ class _Core:
                 p.resend = True
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        with self._lock:
+            ev = self._sub_waits.pop(mid, None)
+        if ev is not None:
+            ev.ok = not any(rc.is_failure for rc in reason_codes)  # type: ignore[attr-defined]
+            ev.set()
         if mid == self._sub_mid:
             bad = [rc for rc in reason_codes if rc.is_failure]
             if bad:
@@ -261,6 +304,10 @@ class _Core:
                 with self._cond:
                     self.caps = caps
                     self._cond.notify_all()
+            else:
+                handler = self._subs.get(msg.topic)
+                if handler is not None:
+                    handler(json.loads(msg.payload))
         except Exception:
             log.exception("bad message on %s", msg.topic)
 
@@ -275,6 +322,8 @@ class _Core:
             for p in pend:
                 p.deliver(DeviceOfflineError(f"device {self.topics.device_id!r} went offline",
                                              request_id=p.request_id, code="offline", status=503))
+            for listener in list(self._offline_listeners):
+                listener()
         elif status == "online":
             for p in pend:
                 if p.resend:
@@ -283,7 +332,15 @@ class _Core:
                     self.client.publish(p.topic, p.body, qos=1, properties=p.props)
 
     def _on_event(self, msg) -> None:
-        ev = json.loads(msg.payload)
+        ctype = prop(msg, "ContentType")
+        if isinstance(ctype, str) and ctype.startswith("image/"):  # a binary reply (snapshot)
+            ev: dict = {k: v for k, v in user_props(msg).items()}
+            ev.setdefault("type", "snapshot")
+            ev["seq"] = int(ev.get("seq") or 0)
+            ev["mime"] = ctype
+            ev["bytes"] = bytes(msg.payload)
+        else:
+            ev = json.loads(msg.payload)
         corr = prop(msg, "CorrelationData")
         rid = None
         if corr:
@@ -303,7 +360,7 @@ class _Core:
             elif seq <= p.last_seq:
                 return
             p.last_seq = max(p.last_seq, seq)
-            terminal = kind in ("result", "error")
+            terminal = kind in ("result", "error", "watch_registered", "snapshot")
             if terminal:
                 self._pending.pop(rid, None)
                 p.done = True
@@ -323,7 +380,10 @@ class _Core:
                 self._cond.wait(left)
             return self.status
 
-    def submit(self, payload: dict, deliver: Callable[[Any], None], timeout: float | None) -> _Pending:
+    def submit(self, payload: dict, deliver: Callable[[Any], None], timeout: float | None, *, op: str = "chat",
+               attachment: tuple[bytes, str] | None = None) -> _Pending:
+        """Send a request on ``R/req/C/<op>``. ``attachment`` (bytes, content type): send it as
+        the MQTT 5 binary payload, with the JSON request in the user property 'request'."""
         if self._closed:
             raise EdgeError("client is closed")
         status = self.wait_status(min(self.st.status_wait, timeout or self.st.status_wait))
@@ -333,10 +393,16 @@ class _Core:
                 f"(status topic {self.topics.status})", status=503, code="offline",
                 request_id=payload.get("request_id"))
         rid = payload["request_id"]
-        topic = self.topics.request(self.name, "chat")
-        props = publish_props(correlation=rid.encode(), response_topic=self.reply_topic,
-                              expiry_s=math.ceil(timeout) if timeout else None)
-        p = _Pending(rid, topic, dumps(payload), props, deliver)
+        topic = self.topics.request(self.name, op)
+        expiry = math.ceil(timeout) if timeout else None
+        if attachment is not None:
+            props = publish_props(correlation=rid.encode(), response_topic=self.reply_topic, expiry_s=expiry,
+                                  content_type=attachment[1], user=[(REQUEST_PROPERTY, dumps(payload).decode("utf-8"))])
+            body = attachment[0]
+        else:
+            props = publish_props(correlation=rid.encode(), response_topic=self.reply_topic, expiry_s=expiry)
+            body = dumps(payload)
+        p = _Pending(rid, topic, body, props, deliver)
         with self._lock:
             if rid in self._pending:
                 raise ValueError(f"request id {rid!r} is already in use")
@@ -349,6 +415,42 @@ class _Core:
     def forget(self, rid: str) -> None:
         with self._lock:
             self._pending.pop(rid, None)
+
+    def request(self, op: str, payload: dict, timeout: float) -> dict:
+        """One request whose answer is a single terminal event; raises the matching EdgeError."""
+        q: queue.Queue = queue.Queue()
+        p = self.submit(payload, q.put, timeout, op=op)
+        try:
+            ev = q.get(timeout=timeout)
+        except queue.Empty:
+            self.forget(p.request_id)
+            raise RequestTimeoutError(f"no answer to {op} {p.request_id} within {timeout:.1f} s",
+                                      request_id=p.request_id, code="timeout") from None
+        if isinstance(ev, BaseException):
+            raise ev
+        if ev.get("type") == "error":
+            raise error_from_event(ev)
+        return ev
+
+    def add_subscription(self, topic: str, handler: Callable[[Any], None], timeout: float) -> None:
+        """Subscribe ``topic`` (kept across reconnects) and wait for the broker's SUBACK."""
+        ev = threading.Event()
+        with self._lock:
+            self._subs[topic] = handler
+            _, mid = self.client.subscribe(topic, qos=1)
+            self._sub_waits[mid] = ev
+        if not ev.wait(timeout) or not getattr(ev, "ok", False):
+            self.remove_subscription(topic)
+            raise BrokerConnectionError(f"the broker did not grant a subscription to {topic}")
+
+    def remove_subscription(self, topic: str) -> None:
+        with self._lock:
+            if self._subs.pop(topic, None) is None:
+                return
+        try:
+            self.client.unsubscribe(topic)
+        except Exception:  # pragma: no cover
+            log.debug("unsubscribe failed", exc_info=True)
 
     def _publish_cancel(self, rid: str) -> None:
         try:
@@ -405,6 +507,276 @@ def build_chat_payload(messages: str | Iterable[Any] | None = None, *, prompt: s
     if deadline is not None:
         payload["deadline_ms"] = max(1, int(deadline * 1000))
     return payload
+
+
+def encode_image_input(image: Any) -> tuple[bytes, str]:
+    """An image for a request -> (encoded bytes, MIME type). Paths and bytes are sent as they are
+    (the device checks them); an HxWx3 uint8 RGB ndarray (as the runtime takes) becomes a JPEG
+    (quality 95), an HxW one a grey JPEG."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+    elif isinstance(image, (str, os.PathLike)):
+        with open(image, "rb") as f:
+            data = f.read()
+    elif type(image).__module__ == "numpy" and hasattr(image, "shape"):
+        import cv2
+        import numpy as np
+
+        arr = np.asarray(image)
+        if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
+            raise ValueError(f"an image array must be HxWx3 (RGB) or HxW uint8, got {arr.shape} {arr.dtype}")
+        ok, buf = cv2.imencode(".jpg", arr[:, :, ::-1] if arr.ndim == 3 else arr, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        if not ok:
+            raise ValueError("cannot encode the image array as JPEG")
+        return buf.tobytes(), "image/jpeg"
+    else:
+        raise TypeError(f"an image must be a path, bytes or a numpy array, not {type(image).__name__}")
+    return data, sniff_mime(data) or "application/octet-stream"
+
+
+def prepare_images(payload: dict, *, binary: bool = True) -> tuple[dict, tuple[bytes, str] | None]:
+    """Turn ``{"type": "image", "image": ...}`` parts of a chat payload into protocol parts. With
+    ``binary`` and exactly one such image (and a JSON request that fits a user property), that image
+    becomes the MQTT 5 payload (``{"type": "image", "payload": true}``); otherwise base64 ``data``."""
+    found: list[tuple[dict, bytes, str]] = []
+    for m in payload.get("messages") or []:
+        content = m.get("content")
+        if not isinstance(content, list):
+            continue
+        m["content"] = content = list(content)  # never modify the caller's messages
+        for i, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") == "image" and "image" in part:
+                data, mime = encode_image_input(part["image"])
+                new = {k: v for k, v in part.items() if k != "image"}
+                content[i] = new
+                found.append((new, data, mime))
+    if not found:
+        return payload, None
+    if binary and len(found) == 1:
+        part, data, mime = found[0]
+        part["payload"] = True
+        if len(dumps(payload)) <= _MAX_USER_PROPERTY and mime.startswith("image/"):
+            return payload, (data, mime)
+        del part["payload"]
+    for part, data, mime in found:
+        part["data"] = base64.b64encode(data).decode("ascii")
+        if mime.startswith("image/"):
+            part["mime"] = mime
+    return payload, None
+
+
+def build_watch_payload(camera: str, prompt: str, *, every: float, on_change: bool = False,
+                        change_threshold: float | None = None, max_tokens: int | None = None,
+                        temperature: float | None = None, seed: int | None = None, expires: float | None = None,
+                        persistent: bool = False, system: str | None = None, job_id: str | None = None) -> dict:
+    payload: dict[str, Any] = {"v": 1, "request_id": job_id or f"w{uuid.uuid4().hex[:16]}", "camera": camera,
+                               "prompt": prompt, "every_s": float(every), "on_change": bool(on_change),
+                               "persistent": bool(persistent)}
+    for k, v in (("change_threshold", change_threshold), ("max_tokens", max_tokens), ("seed", seed),
+                 ("system", system)):
+        if v is not None:
+            payload[k] = v
+    if temperature is not None:
+        payload["temperature"] = float(temperature)
+    if expires is not None:
+        payload["expires_s"] = float(expires)
+    return payload
+
+
+def _watch_item(ev: dict) -> Any:
+    kind = ev.get("type")
+    if kind == "watch":
+        return WatchEvent.model_validate(ev)
+    if kind == "watch_error":
+        return WatchError.model_validate(ev)
+    if kind == "watch_end":
+        return WatchEnd.model_validate(ev)
+    return None
+
+
+class _WatchBase:
+    """What the sync and async watch handles share: subscription, registration and cancel."""
+
+    def __init__(self, core: _Core, payload: dict, deliver: Callable[[Any], None]):
+        self._core = core
+        self.job_id: str = payload["request_id"]
+        self.camera: str = payload["camera"]
+        self.persistent: bool = payload["persistent"]
+        self.events_topic = core.topics.watch_events(self.camera, core.name, self.job_id)
+        self.registration: WatchRegistered | None = None
+        self._deliver = deliver
+        self._finished = False
+        self._listening = False
+
+    def _on_offline(self) -> None:
+        if not self.persistent and not self._finished:
+            self._deliver(DeviceOfflineError(f"device {self._core.topics.device_id!r} went offline; "
+                                             f"watch job {self.job_id} is gone", code="offline", status=503))
+
+    def _listen(self, timeout: float) -> None:
+        self._core.add_subscription(self.events_topic, self._deliver, timeout)
+        self._core._offline_listeners.append(self._on_offline)
+        self._core._watches.append(self)
+        self._listening = True
+
+    def _stop_listening(self) -> None:
+        if self._listening:
+            self._listening = False
+            self._core.remove_subscription(self.events_topic)
+            for lst, item in ((self._core._offline_listeners, self._on_offline), (self._core._watches, self)):
+                try:
+                    lst.remove(item)
+                except ValueError:
+                    pass
+
+    def _send_cancel(self) -> None:
+        try:
+            self._core.client.publish(self._core.topics.request(self._core.name, "watch_cancel"),
+                                      dumps({"v": 1, "job_id": self.job_id}), qos=1, properties=publish_props())
+        except Exception:  # pragma: no cover
+            log.debug("watch_cancel publish failed", exc_info=True)
+
+
+class WatchHandle(_WatchBase):
+    """Events of one watch job: ``for ev in handle`` yields ``WatchEvent`` (an answer) and
+    ``WatchError`` (a tick that failed, e.g. the camera was lost; the job goes on) until the job
+    ends (expired, cancelled elsewhere) or ``cancel()``. ``get(timeout)`` waits for one event.
+    Leaving a ``with`` block cancels the job; ``detach()`` stops listening and leaves it running."""
+
+    def __init__(self, core: _Core, payload: dict, event_timeout: float | None):
+        self._q: queue.Queue = queue.Queue()
+        super().__init__(core, payload, self._q.put)
+        self.event_timeout = event_timeout
+        self.end: WatchEnd | None = None
+
+    def get(self, timeout: float | None = None) -> WatchEvent | WatchError:
+        """The next event; RequestTimeoutError if none within ``timeout``; StopIteration at the end."""
+        while True:
+            if self._finished:
+                raise StopIteration
+            try:
+                item = self._q.get(timeout=timeout)
+            except queue.Empty:
+                raise RequestTimeoutError(f"no watch event for job {self.job_id} within {timeout} s",
+                                          request_id=self.job_id, code="timeout") from None
+            if item is None:
+                self._finished = True
+                raise StopIteration
+            if isinstance(item, BaseException):
+                self._finished = True
+                self._stop_listening()
+                raise item
+            ev = _watch_item(item)
+            if isinstance(ev, WatchEnd):
+                self.end = ev
+                self._finished = True
+                self._stop_listening()
+                raise StopIteration
+            if ev is not None:
+                return ev
+
+    def __iter__(self) -> Iterator[WatchEvent | WatchError]:
+        return self
+
+    def __next__(self) -> WatchEvent | WatchError:
+        return self.get(self.event_timeout)
+
+    def cancel(self) -> None:
+        """End the job on the device (idempotent); iteration stops at once."""
+        self._send_cancel()
+        self.detach()
+
+    def detach(self) -> None:
+        """Stop listening; the job keeps running on the device (e.g. a persistent one)."""
+        self._stop_listening()
+        if not self._finished:
+            self._q.put(None)
+
+    def __enter__(self) -> "WatchHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cancel()
+
+
+class AsyncWatchHandle(_WatchBase):
+    """``async for ev in handle``; ``await handle.get(timeout)``; ``await handle.cancel()``."""
+
+    def __init__(self, core: _Core, payload: dict, loop: asyncio.AbstractEventLoop, event_timeout: float | None):
+        self._q: asyncio.Queue = asyncio.Queue()
+
+        def deliver(item, _loop=loop, _q=self._q):
+            try:
+                _loop.call_soon_threadsafe(_q.put_nowait, item)
+            except RuntimeError:  # loop closed
+                pass
+
+        super().__init__(core, payload, deliver)
+        self.event_timeout = event_timeout
+        self.end: WatchEnd | None = None
+
+    async def get(self, timeout: float | None = None) -> WatchEvent | WatchError:
+        while True:
+            if self._finished:
+                raise StopAsyncIteration
+            try:
+                item = await asyncio.wait_for(self._q.get(), timeout=timeout)
+            except asyncio.TimeoutError:
+                raise RequestTimeoutError(f"no watch event for job {self.job_id} within {timeout} s",
+                                          request_id=self.job_id, code="timeout") from None
+            if item is None:
+                self._finished = True
+                raise StopAsyncIteration
+            if isinstance(item, BaseException):
+                self._finished = True
+                self._stop_listening()
+                raise item
+            ev = _watch_item(item)
+            if isinstance(ev, WatchEnd):
+                self.end = ev
+                self._finished = True
+                self._stop_listening()
+                raise StopAsyncIteration
+            if ev is not None:
+                return ev
+
+    def __aiter__(self) -> AsyncIterator[WatchEvent | WatchError]:
+        return self
+
+    async def __anext__(self) -> WatchEvent | WatchError:
+        return await self.get(self.event_timeout)
+
+    async def cancel(self) -> None:
+        self._send_cancel()
+        await self.detach()
+
+    async def detach(self) -> None:
+        self._stop_listening()
+        if not self._finished:
+            self._q.put_nowait(None)
+
+    async def __aenter__(self) -> "AsyncWatchHandle":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.cancel()
+
+
+def _register_watch(core: _Core, handle: _WatchBase, payload: dict, timeout: float) -> None:
+    """Subscribe the events topic, then register the job (so no event can be missed)."""
+    handle._listen(timeout)
+    try:
+        ev = core.request("watch", payload, timeout)
+    except BaseException:
+        handle._stop_listening()
+        raise
+    handle.registration = WatchRegistered.model_validate(ev)
+
+
+def _snapshot_bytes(ev: dict) -> bytes:
+    if "bytes" in ev:
+        return ev["bytes"]
+    return base64.b64decode(ev.get("data") or "")
 
 
 # --- sync client ------------------------------------------------------------------------------------
@@ -541,14 +913,46 @@ class Client:
         payload = build_chat_payload(messages, prompt=prompt, request_id=request_id, max_tokens=max_tokens,
                                      temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
                                      stream=stream, deadline=deadline, priority=priority)
+        payload, attachment = prepare_images(payload)
         q: queue.Queue = queue.Queue()
-        p = self._core.submit(payload, q.put, timeout)
+        p = self._core.submit(payload, q.put, timeout, attachment=attachment)
         s = ChatStream(self._core, p, q, timeout)
         return s if stream else s.wait()
 
     def cancel(self, request_id: str) -> None:
         """Ask the device to stop a request (harmless if it is unknown or finished)."""
         self._core.cancel(request_id)
+
+    def snapshot(self, camera: str, *, max_side: int | None = None, timeout: float | None = None) -> bytes:
+        """The newest frame of the device's camera ``camera`` as JPEG bytes (scaled to fit
+        ``max_side``, default the device's snapshot_max_side). Raises UnsupportedMediaError for an
+        unknown camera, CameraUnavailableError when it has no fresh frame."""
+        payload: dict[str, Any] = {"v": 1, "request_id": uuid.uuid4().hex, "camera": camera}
+        if max_side is not None:
+            payload["max_side"] = max_side
+        return _snapshot_bytes(self._core.request("snapshot", payload, self._st.timeout if timeout is None else timeout))
+
+    def watch(self, camera: str, prompt: str, *, every: float, on_change: bool = False,
+              change_threshold: float | None = None, max_tokens: int | None = None, temperature: float | None = None,
+              seed: int | None = None, expires: float | None = None, persistent: bool = False,
+              system: str | None = None, job_id: str | None = None, timeout: float | None = None,
+              event_timeout: float | None = None) -> WatchHandle:
+        """Ask ``prompt`` about camera ``camera`` every ``every`` seconds (``on_change``: only when
+        the scene changed, at most that often) until cancelled or ``expires`` seconds passed.
+        ``persistent``: the job survives a daemon restart. Returns a ``WatchHandle`` to iterate
+        (``event_timeout``: how long iteration waits for each event; None: forever)."""
+        payload = build_watch_payload(camera, prompt, every=every, on_change=on_change,
+                                      change_threshold=change_threshold, max_tokens=max_tokens,
+                                      temperature=temperature, seed=seed, expires=expires, persistent=persistent,
+                                      system=system, job_id=job_id)
+        h = WatchHandle(self._core, payload, event_timeout)
+        _register_watch(self._core, h, payload, self._st.timeout if timeout is None else min(timeout, self._st.timeout))
+        return h
+
+    def cancel_watch(self, job_id: str) -> None:
+        """End a watch job of this client name (e.g. a persistent one from an earlier run)."""
+        self._core.client.publish(self._core.topics.request(self._core.name, "watch_cancel"),
+                                  dumps({"v": 1, "job_id": job_id}), qos=1, properties=publish_props())
 
     def close(self) -> None:
         self._core.close()
@@ -689,12 +1093,40 @@ class AsyncClient:
 
         if core.status is None:  # waiting for the retained status blocks: do it off the loop
             await loop.run_in_executor(None, core.wait_status, min(self._st.status_wait, timeout))
-        p = core.submit(payload, deliver, timeout)
+        payload, attachment = prepare_images(payload)
+        p = core.submit(payload, deliver, timeout, attachment=attachment)
         s = AsyncChatStream(core, p, q, timeout)
         return s if stream else await s.wait()
 
     async def cancel(self, request_id: str) -> None:
         (await self._c()).cancel(request_id)
+
+    async def snapshot(self, camera: str, *, max_side: int | None = None, timeout: float | None = None) -> bytes:
+        """As ``Client.snapshot``."""
+        core = await self._c()
+        payload: dict[str, Any] = {"v": 1, "request_id": uuid.uuid4().hex, "camera": camera}
+        if max_side is not None:
+            payload["max_side"] = max_side
+        t = self._st.timeout if timeout is None else timeout
+        ev = await asyncio.get_running_loop().run_in_executor(None, core.request, "snapshot", payload, t)
+        return _snapshot_bytes(ev)
+
+    async def watch(self, camera: str, prompt: str, *, every: float, on_change: bool = False,
+                    change_threshold: float | None = None, max_tokens: int | None = None,
+                    temperature: float | None = None, seed: int | None = None, expires: float | None = None,
+                    persistent: bool = False, system: str | None = None, job_id: str | None = None,
+                    timeout: float | None = None, event_timeout: float | None = None) -> AsyncWatchHandle:
+        """As ``Client.watch``; returns an ``AsyncWatchHandle`` (``async for ev in handle``)."""
+        core = await self._c()
+        payload = build_watch_payload(camera, prompt, every=every, on_change=on_change,
+                                      change_threshold=change_threshold, max_tokens=max_tokens,
+                                      temperature=temperature, seed=seed, expires=expires, persistent=persistent,
+                                      system=system, job_id=job_id)
+        loop = asyncio.get_running_loop()
+        h = AsyncWatchHandle(core, payload, loop, event_timeout)
+        t = self._st.timeout if timeout is None else min(timeout, self._st.timeout)
+        await loop.run_in_executor(None, _register_watch, core, h, payload, t)
+        return h
 
     async def close(self) -> None:
         if self._core is not None:

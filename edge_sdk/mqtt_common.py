@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 #: Protocol major version: it is part of every topic (``P/v1/...``). Bumped only on a breaking change.
 PROTOCOL_MAJOR = 1
 #: Schema version of the JSON payloads (major.minor); minor bumps only add optional fields.
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 DEFAULT_PREFIX = "edge"
 
 #: Device ids and client names are single topic levels: no wildcards, no slashes, no '$'.
@@ -72,6 +72,8 @@ class Topics:
     ``R/health``                              retained JSON metrics, QoS 0, expiring
     ``R/req/C/chat``, ``R/req/C/cancel``      requests from client name C
     ``P/v1/clients/C/res/N[/...]``            C's inbox: replies from device N
+    ``R/events/{cam}/watch/C/{job}``          watch job results (JSON events)
+    ``R/camera/{cam}/snapshot``               retained JPEG snapshot
     ========================================  =====================================================
     """
 
@@ -108,6 +110,19 @@ class Topics:
     def inbox(self, client: str) -> str:
         """The default reply topic for requests from C to this device."""
         return f"{self.inbox_prefix(client)}res/{self.device_id}"
+
+    def watch_events(self, camera: str, client: str, job_id: str) -> str:
+        """Where watch job ``job_id`` of client name C publishes: ``R/events/{camera}/watch/C/{job_id}``."""
+        return f"{self.root}/events/{camera}/watch/{client}/{job_id}"
+
+    @property
+    def watch_events_filter(self) -> str:
+        """Every watch event of this device."""
+        return f"{self.root}/events/+/watch/#"
+
+    def snapshot(self, camera: str) -> str:
+        """Retained small JPEG of camera ``camera``: ``R/camera/{camera}/snapshot``."""
+        return f"{self.root}/camera/{camera}/snapshot"
 
     def all_devices(self, leaf: str) -> str:
         """A filter over every device under the prefix, e.g. ``P/v1/+/capabilities``."""
@@ -163,11 +178,18 @@ def new_client_id(kind: str) -> str:
 
 
 def publish_props(correlation: bytes | None = None, response_topic: str | None = None,
-                  expiry_s: int | None = None, json_payload: bool = True) -> Properties:
+                  expiry_s: int | None = None, json_payload: bool = True, content_type: str | None = None,
+                  user: list[tuple[str, str]] | None = None) -> Properties:
+    """PUBLISH properties. ``content_type`` (e.g. image/jpeg) marks a binary payload;
+    ``user``: MQTT 5 user properties (name, value) pairs."""
     p = Properties(PacketTypes.PUBLISH)
-    if json_payload:
+    if content_type is not None:
+        p.ContentType = content_type
+    elif json_payload:
         p.PayloadFormatIndicator = 1
         p.ContentType = "application/json"
+    if user:
+        p.UserProperty = list(user)
     if correlation is not None:
         p.CorrelationData = correlation
     if response_topic is not None:
@@ -180,6 +202,12 @@ def publish_props(correlation: bytes | None = None, response_topic: str | None =
 def dumps(obj: Any) -> bytes:
     """Compact UTF-8 JSON, the form every payload takes on the wire."""
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def user_props(msg: mqtt.MQTTMessage) -> dict[str, str]:
+    """MQTT 5 user properties of a message as a dict (the last value of a repeated name wins)."""
+    pairs = prop(msg, "UserProperty") or []
+    return {str(k): str(v) for k, v in pairs}
 
 
 def prop(msg: mqtt.MQTTMessage, name: str) -> Any:

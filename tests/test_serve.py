@@ -12,7 +12,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edge_sdk.client import BusyError, Client, DeviceOfflineError
-from edge_sdk.mqtt_common import Topics
+from edge_sdk.mqtt_common import SCHEMA_VERSION, Topics
 from edge_sdk.serve.protocol import Accepted, Capabilities, Delta, Error, Health, Result
 
 from mqtt_broker import *  # noqa: F401,F403
@@ -94,7 +94,7 @@ def test_status_capabilities_health_retained(serve_model, start_daemon, mosquitt
     assert by[t.status].payload == b"online" and by[t.status].retain
     caps = Capabilities.model_validate_json(by[t.capabilities].payload)
     assert caps.model.name == "fake-tiny" and caps.model.context_length == 512 and caps.model.modalities == ["text"]
-    assert caps.schema_version == "1.0" and caps.limits.queue_length == d.s.queue_length
+    assert caps.schema_version == SCHEMA_VERSION and caps.limits.queue_length == d.s.queue_length
     h = Health.model_validate_json(by[t.health].payload)
     assert h.state == "idle" and h.queue_depth == 0 and (h.memory_rss_bytes or 0) > 0
     assert by[t.health].properties.MessageExpiryInterval >= 1

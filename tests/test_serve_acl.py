@@ -105,6 +105,32 @@ def test_users_chat_and_cannot_read_each_other(secured):
     alice.close()
 
 
+def test_watch_events_are_private_and_snapshots_public(secured, tmp_path):
+    from test_serve_vision import SlowVisionModel, write_avi
+
+    b, _ = secured
+    cam = tmp_path / "cam.avi"
+    write_avi(cam, (0, 0, 200))
+    d = Daemon(SlowVisionModel(), ServeSettings(host=b.host, port=b.port, device_id="cam", username="edge-daemon",
+                                                password=USERS["edge-daemon"], cameras={"front": str(cam)},
+                                                camera_loop=True, watch_min_every_s=0.1)).start()
+    try:
+        assert d.wait_connected(5)
+        spy = RawClient(b, client_id=new_client_id("spy"), username="bob", password=USERS["bob"])
+        spy.subscribe("edge/v1/cam/events/#")
+        with Client(b.host, b.port, "cam", username="alice", password=USERS["alice"], timeout=5) as alice:
+            with alice.watch("front", "?", every=0.2, max_tokens=2, event_timeout=5) as h:
+                assert next(h).job_id == h.job_id and next(h).seq >= 1
+            assert spy.msgs == []  # bob never sees alice's watch events
+            assert alice.snapshot("front")[:3] == b"\xff\xd8\xff"
+        assert not spy.subscribe(d.topics.snapshot("front"))[0].is_failure
+        msgs = spy.wait_for(lambda ms: any(m.topic == d.topics.snapshot("front") for m in ms))
+        assert msgs[-1].payload[:3] == b"\xff\xd8\xff"  # the retained snapshot
+        spy.close()
+    finally:
+        d.stop(grace_s=0.2)
+
+
 def test_cannot_spoof_device_status(secured):
     b, d = secured
     c = make_client(new_client_id("x"), username="bob", password=USERS["bob"])

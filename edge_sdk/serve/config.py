@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import contextvars
 import json
+import re
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from edge_sdk.mqtt_common import DEFAULT_PREFIX, check_device_id, check_prefix, sanitize_device_id
+
+_CAMERA_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("edge_sdk_config_file", default=None)
 
@@ -88,10 +91,62 @@ class ServeSettings(BaseSettings):
     metrics_interval_s: float = Field(default=10.0, gt=0)
     log_level: str = "INFO"
 
+    # images and cameras (edge_sdk/serve/cameras.py)
+    cameras: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="named camera sources: JSON object or 'name=source,name2=source' (source: device index, "
+                    "/dev/videoN, GStreamer pipeline ending in appsink, rtsp:// URL or a video file)")
+    camera_loop: bool = Field(default=False, description="rewind video-file camera sources at their end")
+    camera_reconnect_max_s: float = Field(default=5.0, gt=0, description="longest wait between camera reopen attempts")
+    camera_timeout_s: float = Field(default=2.0, gt=0, description="how long a request waits for a camera frame")
+    max_image_bytes: int = Field(default=3_145_728, ge=1024,
+                                 description="largest encoded image (MQTT 5 binary payload or decoded base64); "
+                                             "keep it below the broker's max_packet_size")
+    snapshot_max_side: int = Field(default=640, ge=16, description="snapshot JPEGs are scaled to fit this side")
+    snapshot_quality: int = Field(default=80, ge=10, le=100, description="snapshot JPEG quality")
+    snapshot_interval_s: float = Field(default=0.0, ge=0,
+                                       description="also publish retained snapshots every N s (0: only on request)")
+
+    # watch jobs (edge_sdk/serve/watch.py)
+    watch_min_every_s: float = Field(default=1.0, gt=0, description="smallest every_s a watch job may ask for")
+    max_watch_jobs: int = Field(default=16, ge=0, description="watch jobs at once, all clients together")
+    watch_change_threshold: float = Field(default=0.08, gt=0, le=1,
+                                          description="default scene-change threshold (mean abs grey diff, 0..1)")
+    watch_store: Path | None = Field(default=None, description="JSON file for persistent watch jobs "
+                                                               "(restored on start); unset: persistence off")
+
     @field_validator("device_id")
     @classmethod
     def _dev(cls, v: str) -> str:
         return check_device_id(v)
+
+    @field_validator("cameras", mode="before")
+    @classmethod
+    def _cameras(cls, v: Any) -> Any:
+        if isinstance(v, str):  # CLI flag / env var: JSON, or name=source pairs
+            text = v.strip()
+            if not text:
+                return {}
+            if text.startswith("{"):
+                return json.loads(text)
+            out = {}
+            for item in text.split(","):
+                name, sep, source = item.partition("=")
+                if not sep or not name.strip() or not source.strip():
+                    raise ValueError(f"camera {item!r}: expected name=source")
+                out[name.strip()] = source.strip()
+            return out
+        if isinstance(v, dict):
+            return {k: str(x) if isinstance(x, int) and not isinstance(x, bool) else x for k, x in v.items()}
+        return v
+
+    @field_validator("cameras")
+    @classmethod
+    def _camera_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not _CAMERA_NAME_RE.match(name):
+                raise ValueError(f"camera name {name!r} must match [A-Za-z0-9_-]{{1,64}} (it is a topic level)")
+        return v
 
     @field_validator("topic_prefix")
     @classmethod

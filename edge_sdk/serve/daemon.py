@@ -13,6 +13,9 @@ could deadlock against the network thread. Code under the lock collects what to 
 after releasing.
 - the housekeeper: expires queued requests at their deadline, publishes health, pets the systemd
   watchdog.
+- the watch thread (watch.py) ticks watch jobs and hands their inferences to the worker's queue
+  at the lowest priority; a media thread encodes snapshots; one reader thread per camera
+  (cameras.py).
 
 The daemon needs only the standard library, paho and pydantic; it never imports torch.
 """
@@ -20,6 +23,7 @@ The daemon needs only the standard library, paho and pydantic; it never imports 
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import heapq
 import json
 import itertools
@@ -41,16 +45,22 @@ from pydantic import ValidationError
 
 import edge_sdk
 from edge_sdk.mqtt_common import (NAME_RE, SCHEMA_VERSION, Topics, dumps, make_client, prop,
-                                  publish_props)
+                                  publish_props, user_props)
 from edge_sdk.runtime.types import GenerationError
 from edge_sdk.serve.config import ServeSettings
-from edge_sdk.serve.protocol import (ERROR_STATUS, ID_PATTERN, CancelRequest, ChatRequest,
-                                     ImagePart)
+from edge_sdk.serve.cameras import CameraHub, ImageRejected, check_image_bytes, decode_rgb
+from edge_sdk.serve.protocol import (ERROR_STATUS, ID_PATTERN, JOB_ID_PATTERN, PROMPT_PROPERTY, REQUEST_PROPERTY,
+                                     CancelRequest, ChatRequest, ImagePart, SnapshotRequest, WatchCancelRequest,
+                                     WatchRequest)
 from edge_sdk.serve.sdnotify import Notifier
+from edge_sdk.serve.watch import WatchManager, WatchRefused
 
 log = logging.getLogger("edge_sdk.serve")
 
 _ID_RE = re.compile(ID_PATTERN)
+_JOB_ID_RE = re.compile(JOB_ID_PATTERN)
+OPS = ("chat", "cancel", "watch", "watch_cancel", "snapshot")
+WATCH_PRIORITY = -1  # below every client request (0..9)
 
 
 class UnsupportedMediaError(GenerationError):
@@ -58,7 +68,8 @@ class UnsupportedMediaError(GenerationError):
 
 
 def default_image_resolver(part: ImagePart) -> Any:
-    """Inline images become bytes; camera frames need a camera worker (not in this daemon yet)."""
+    """Inline images become bytes (kept for callers that pass their own resolver; the daemon's own
+    resolution, with cameras and size checks, is ``Daemon._resolve_image``)."""
     if part.data is not None:
         return base64.b64decode(part.data)
     raise UnsupportedMediaError(f"no camera source {part.camera!r} on this device")
@@ -85,13 +96,21 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     seq: int = 0
     state: str = "queued"  # queued | running | done
+    attachment: bytes | None = None  # the MQTT 5 binary image payload (image parts with payload: true)
+    prompt: Any = None  # a ready prompt (watch jobs) instead of req.messages
+    prio: int | None = None  # overrides req.priority (watch jobs: WATCH_PRIORITY)
+    sink: Callable[[dict], None] | None = None  # gets the terminal event instead of the reply topic
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.client, self.request_id)
 
+    @property
+    def priority(self) -> int:
+        return self.req.priority if self.prio is None else self.prio
+
     def sort_key(self) -> tuple[int, int]:
-        return (-self.req.priority, self.order)
+        return (-self.priority, self.order)
 
     def __lt__(self, other: "Job") -> bool:
         return self.sort_key() < other.sort_key()
@@ -131,8 +150,12 @@ class Daemon:
         self.model = model
         self.s = settings or ServeSettings()
         self.topics = Topics(self.s.topic_prefix, self.s.device_id)
-        self.image_resolver = image_resolver or default_image_resolver
+        self.image_resolver = image_resolver
         self.info = model_info(model)
+        self.hub = CameraHub(self.s.cameras, loop=self.s.camera_loop, reconnect_max_s=self.s.camera_reconnect_max_s,
+                             stale_s=self.s.camera_timeout_s)
+        self.watch = WatchManager(self)
+        self._media = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-sdk-media")
         self.started_at = time.time()
         self._t0 = time.monotonic()
 
@@ -173,10 +196,14 @@ class Daemon:
         s = self.s
         log.info("serving model %s as device %r on %s:%s (prefix %r)", self.info["name"], s.device_id,
                  s.host, s.port, s.topic_prefix)
+        self.hub.start()
         for name, target in (("edge-sdk-worker", self._worker_loop), ("edge-sdk-housekeeper", self._housekeeper_loop)):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
+        self.watch.start()
+        if self.watch.thread is not None:
+            self._threads.append(self.watch.thread)
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 0
         self.client.connect_async(s.host, s.port, keepalive=s.keepalive, clean_start=True, properties=props)
@@ -194,6 +221,7 @@ class Daemon:
         grace_s = self.s.stop_grace_s if grace_s is None else grace_s
         log.info("stopping (grace %.1f s)", grace_s)
         self.notifier.notify("STOPPING=1")
+        self.watch.stop()
         with self._lock:
             self._stopping = True
             queued = list(self._queue)
@@ -216,6 +244,8 @@ class Daemon:
             self._cv.notify_all()
         for t in self._threads:
             t.join(timeout=3.0)
+        self._media.shutdown(wait=True, cancel_futures=True)
+        self.hub.close()
         if self.connected.is_set():
             info = self.client.publish(self.topics.status, b"offline", qos=1, retain=True)
             try:
@@ -303,6 +333,20 @@ class Daemon:
                 bad_topic = resp_topic
 
         payload = msg.payload
+        attachment = None
+        ctype = prop(msg, "ContentType")
+        if isinstance(ctype, str) and ctype.lower().startswith("image/"):
+            # MQTT 5 binary image request: the payload is the image, the JSON request is the user
+            # property 'request' (or just the text in 'prompt').
+            attachment = bytes(payload)
+            up = user_props(msg)
+            if REQUEST_PROPERTY in up:
+                payload = up[REQUEST_PROPERTY].encode("utf-8")
+            else:
+                content: list[dict] = [{"type": "image", "payload": True}]
+                if PROMPT_PROPERTY in up:
+                    content.append({"type": "text", "text": up[PROMPT_PROPERTY]})
+                payload = dumps({"v": 1, "messages": [{"role": "user", "content": content}]})
         if len(payload) > self.s.max_payload_bytes:
             return self._reject(reply, "payload_too_large",
                                 f"payload of {len(payload)} bytes exceeds {self.s.max_payload_bytes}")
@@ -323,21 +367,29 @@ class Daemon:
         if bad_topic is not None:
             return self._reject(reply, "invalid_reply_topic",
                                 f"reply topic {bad_topic!r} is not inside {self.topics.inbox_prefix(client_name)!r}")
-        if extra or op not in ("chat", "cancel"):
+        if extra or op not in OPS:
             return self._reject(reply, "unknown_op", f"unknown operation {'/'.join([op, *extra])!r}; "
-                                                     "ops: chat, cancel")
+                                                     f"ops: {', '.join(OPS)}")
         if not isinstance(data, dict):
             return self._reject(reply, "invalid_request", f"payload must be a JSON object, not {type(data).__name__}")
+        if attachment is not None and op != "chat":
+            return self._reject(reply, "invalid_request", f"a binary image payload is only accepted on 'chat', not {op!r}")
         if op == "cancel":
             return self._handle_cancel(client_name, data, reply)
-        return self._handle_chat(client_name, data, reply)
+        if op == "watch":
+            return self._handle_watch(client_name, data, reply)
+        if op == "watch_cancel":
+            return self._handle_watch_cancel(client_name, data, reply)
+        if op == "snapshot":
+            return self._handle_snapshot(client_name, data, reply)
+        return self._handle_chat(client_name, data, reply, attachment)
 
     def _reply_topic_ok(self, topic: str, client_name: str) -> bool:
         prefix = self.topics.inbox_prefix(client_name)
         return (topic.startswith(prefix) and len(topic) > len(prefix) and "+" not in topic
                 and "#" not in topic and "\0" not in topic)
 
-    def _handle_chat(self, client_name: str, data: dict, reply: _Reply) -> None:
+    def _handle_chat(self, client_name: str, data: dict, reply: _Reply, attachment: bytes | None = None) -> None:
         try:
             req = ChatRequest.model_validate(data)
         except ValidationError as e:
@@ -355,10 +407,13 @@ class Daemon:
         if _has_images(req) and "image" not in self.info["modalities"]:
             return self._reject(reply, "unsupported_media",
                                 f"model {self.info['name']} takes no images (modalities: {self.info['modalities']})")
+        refused = self._check_images(req, attachment)
+        if refused is not None:
+            return self._reject(reply, refused.code, refused.message)
         now = time.monotonic()
         deadline_ms = req.deadline_ms or s.max_deadline_ms
         job = Job(client_name, rid, req, reply, now, now + deadline_ms / 1000 if deadline_ms else None,
-                  next(self._order))
+                  next(self._order), attachment=attachment)
         done = refuse = None
         with self._lock:
             if job.key in self._active:
@@ -373,10 +428,10 @@ class Daemon:
             elif mine >= s.max_pending_per_client:
                 refuse = ("busy", f"client {client_name!r} already has {mine} requests pending "
                                   f"(limit {s.max_pending_per_client})", self._retry_after_ms())
-            elif len(self._queue) >= s.queue_length:
+            elif sum(1 for j in self._queue if j.sink is None) >= s.queue_length:  # watch runs never count
                 refuse = ("busy", f"queue full ({s.queue_length} waiting)", self._retry_after_ms())
             else:
-                position = sum(1 for j in self._queue if j.req.priority >= req.priority)
+                position = sum(1 for j in self._queue if j.priority >= req.priority)
                 self._active[job.key] = job  # reserved: duplicates are ignored from here on
         if done is not None:
             log.info("request %s/%s already finished; resending its final event", client_name, rid)
@@ -397,11 +452,39 @@ class Daemon:
             return self._finish(job, self._error_event(rid, job.next_seq(), "stopping", "the daemon is shutting down"))
         log.debug("accepted %s/%s (priority %d, position %d)", client_name, rid, req.priority, position)
 
+    def _check_images(self, req: ChatRequest, attachment: bytes | None) -> ImageRejected | None:
+        """Cheap checks of every image part before the request is accepted (no decoding here)."""
+        parts = [p for m in (req.messages or []) if not isinstance(m.content, str)
+                 for p in m.content if p.type == "image"]
+        uses_payload = any(p.payload for p in parts)
+        if attachment is not None and not uses_payload:
+            return ImageRejected("invalid_request", "the request has a binary image payload but no image part "
+                                                    "with \"payload\": true")
+        if attachment is None and uses_payload:
+            return ImageRejected("invalid_request", "an image part has \"payload\": true but the request's payload "
+                                                    "is not an image (MQTT 5 content type image/*)")
+        try:
+            if attachment is not None:
+                check_image_bytes(attachment, self.s.max_image_bytes)
+            for p in parts:
+                if p.camera is not None and p.camera not in self.hub:
+                    raise ImageRejected("unsupported_media", f"no camera {p.camera!r} on this device "
+                                                             f"(cameras: {', '.join(self.hub.names) or 'none'})")
+                if p.data is not None:
+                    check_image_bytes(base64.b64decode(p.data), self.s.max_image_bytes)
+        except ImageRejected as e:
+            return e
+        return None
+
     def _handle_cancel(self, client_name: str, data: dict, reply: _Reply) -> None:
         try:
             req = CancelRequest.model_validate(data)
         except ValidationError as e:
             return self._reject(reply, "invalid_request", _summarize(e), details=_details(e))
+        if req.all:
+            self.watch.cancel_client(client_name, req.reply_to)
+        elif self.watch.cancel(client_name, req.request_id):
+            return
         ended = []
         with self._lock:
             if req.all:
@@ -425,6 +508,104 @@ class Daemon:
             self._send(job.reply.topic, ev, correlation=job.reply.correlation)
         for job in jobs:
             log.info("cancel %s/%s (%s)", job.client, job.request_id, job.state)
+
+    # --- watch jobs and snapshots -------------------------------------------------------------------
+
+    def _handle_watch(self, client_name: str, data: dict, reply: _Reply) -> None:
+        try:
+            req = WatchRequest.model_validate(data)
+        except ValidationError as e:
+            return self._reject(reply, "invalid_request", _summarize(e), details=_details(e))
+        job_id = req.request_id or reply.request_id
+        if job_id is None or not _JOB_ID_RE.match(job_id):
+            return self._reject(reply, "invalid_request", f"watch job id {job_id!r} (request_id or Correlation Data) "
+                                                          f"must match {JOB_ID_PATTERN}: it is a topic level")
+        reply.request_id = job_id
+        if self._stopping:
+            return self._reject(reply, "stopping", "the daemon is shutting down")
+        try:
+            spec, created = self.watch.register(client_name, job_id, req, reply.topic)
+        except WatchRefused as e:
+            if e.code == "busy":
+                self.stats["rejected_busy"] += 1
+            return self._reject(reply, e.code, e.message)
+        self._send(reply.topic, {"v": 1, "type": "watch_registered", "request_id": job_id, "seq": 0, "job_id": job_id,
+                                 "camera": spec.camera,
+                                 "events_topic": self.topics.watch_events(spec.camera, client_name, job_id),
+                                 "every_s": spec.every_s, "on_change": spec.on_change, "persistent": spec.persistent,
+                                 "expires_at": round(spec.expires_at, 3) if spec.expires_at else None},
+                   correlation=reply.correlation)
+
+    def _handle_watch_cancel(self, client_name: str, data: dict, reply: _Reply) -> None:
+        try:
+            req = WatchCancelRequest.model_validate(data)
+        except ValidationError as e:
+            return self._reject(reply, "invalid_request", _summarize(e), details=_details(e))
+        if not self.watch.cancel(client_name, req.job_id):
+            log.debug("watch_cancel from %s for %s: no such job", client_name, req.job_id)
+
+    def submit_watch(self, manager: WatchManager, wjob: Any, frame: Any, trigger: str, change: float | None) -> bool:
+        """Queue one run of a watch job (watch thread). False if the queue is full or stopping."""
+        sp = wjob.spec
+        s = self.s
+        req = ChatRequest.model_construct(stream=False, max_tokens=min(sp.max_tokens or s.default_max_tokens, s.max_tokens),
+                                          temperature=sp.temperature, seed=sp.seed, priority=0)
+        now = time.monotonic()
+        job = Job("", f"watch-{sp.client}-{sp.job_id}-{wjob.seq}", req, _Reply("", None), now, None, next(self._order),
+                  prompt=manager.prompt_for(wjob, frame.rgb()), prio=WATCH_PRIORITY,
+                  sink=lambda ev: manager.finished(wjob, frame, trigger, change, ev))
+        with self._cv:
+            if self._stopping or len(self._queue) >= s.queue_length:
+                return False
+            wjob.running = job
+            heapq.heappush(self._queue, job)
+            self._cv.notify()
+        return True
+
+    def _handle_snapshot(self, client_name: str, data: dict, reply: _Reply) -> None:
+        try:
+            req = SnapshotRequest.model_validate(data)
+        except ValidationError as e:
+            return self._reject(reply, "invalid_request", _summarize(e), details=_details(e))
+        reply.request_id = req.request_id or reply.request_id
+        if req.camera not in self.hub:
+            return self._reject(reply, "unsupported_media", f"no camera {req.camera!r} on this device "
+                                                            f"(cameras: {', '.join(self.hub.names) or 'none'})")
+        try:
+            self._media.submit(self._snapshot, req, reply)
+        except RuntimeError:  # executor shut down: stopping
+            self._reject(reply, "stopping", "the daemon is shutting down")
+
+    def _snapshot(self, req: SnapshotRequest | None, reply: _Reply | None, camera: str | None = None) -> None:
+        """Media thread: encode the newest frame; reply (binary or base64 JSON) and refresh the
+        retained ``R/camera/{cam}/snapshot``."""
+        camera = req.camera if req is not None else camera
+        s = self.s
+        max_side = (req.max_side if req is not None else None) or s.snapshot_max_side
+        try:
+            jpeg, meta = self.hub.snapshot(camera, max_side=max_side, quality=s.snapshot_quality,
+                                           timeout=s.camera_timeout_s)
+        except ImageRejected as e:
+            if reply is not None:
+                self._reject(reply, e.code, e.message)
+            return
+        except Exception as e:  # pragma: no cover - OpenCV failure
+            log.exception("snapshot of %s failed", camera)
+            if reply is not None:
+                self._reject(reply, "internal", f"{type(e).__name__}: {e}"[:500])
+            return
+        user = [("type", "snapshot"), *((k, str(v)) for k, v in meta.items() if k != "mime")]
+        if max_side == s.snapshot_max_side:
+            self._send(self.topics.snapshot(camera), jpeg, qos=0, retain=True, content_type="image/jpeg", user=user)
+        if reply is None:
+            return
+        if req.encoding == "base64":
+            self._send(reply.topic, {"v": 1, "type": "snapshot", "request_id": reply.request_id, "seq": 0, **meta,
+                                     "data": base64.b64encode(jpeg).decode("ascii")}, correlation=reply.correlation)
+        else:
+            rid = [("request_id", reply.request_id)] if reply.request_id else []
+            self._send(reply.topic, jpeg, correlation=reply.correlation, content_type="image/jpeg",
+                       user=[*user, *rid, ("seq", "0")])
 
     def _retry_after_ms(self) -> int:
         return int(max(100, min(60_000, (len(self._queue) + 1) * self._avg_req_s * 1000)))
@@ -455,6 +636,8 @@ class Daemon:
                 self._running = job
             try:
                 self._run(job)
+            except ImageRejected as e:
+                self._fail(job, e.code, e.message)
             except UnsupportedMediaError as e:
                 self._fail(job, "unsupported_media", str(e))
             except GenerationError as e:
@@ -476,7 +659,7 @@ class Daemon:
             reason = "cancelled" if job.cancel.is_set() else "deadline"
             self.stats["cancelled"] += 1
             return self._finish(job, self._empty_result(job, reason))
-        prompt = self._prompt(req)
+        prompt = job.prompt if job.prompt is not None else self._prompt(job)
         max_tokens = min(req.max_tokens or self.s.default_max_tokens, self.s.max_tokens)
         stream = self.model.stream(prompt, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                    top_k=req.top_k, seed=req.seed, stop=tuple(req.stop),
@@ -538,7 +721,8 @@ class Daemon:
         # would otherwise hold it for the whole switch interval (5 ms) before the delta leaves.
         time.sleep(0)
 
-    def _prompt(self, req: ChatRequest) -> Any:
+    def _prompt(self, job: Job) -> Any:
+        req = job.req
         if req.prompt is not None:
             return req.prompt
         out = []
@@ -549,9 +733,19 @@ class Daemon:
                 out.append({"role": m.role, "content": "".join(p.text for p in m.content)})
             else:
                 parts = [{"type": "text", "text": p.text} if p.type == "text"
-                         else {"type": "image", "image": self.image_resolver(p)} for p in m.content]
+                         else {"type": "image", "image": self._resolve_image(p, job)} for p in m.content]
                 out.append({"role": m.role, "content": parts})
         return out
+
+    def _resolve_image(self, part: ImagePart, job: Job) -> Any:
+        """Worker: an image part -> what the model takes (uint8 RGB [H, W, 3]); ImageRejected."""
+        if part.payload:
+            return decode_rgb(job.attachment or b"", self.s.max_image_bytes)
+        if self.image_resolver is not None:
+            return self.image_resolver(part)
+        if part.camera is not None:
+            return self.hub.latest(part.camera, timeout=self.s.camera_timeout_s).rgb()
+        return decode_rgb(base64.b64decode(part.data or ""), self.s.max_image_bytes)
 
     def _empty_result(self, job: Job, reason: str) -> dict:
         now = time.monotonic()
@@ -566,6 +760,12 @@ class Daemon:
         with self._lock:
             ok = self._close(job, event)
         if ok:
+            if job.sink is not None:
+                try:
+                    job.sink(event)
+                except Exception:
+                    log.exception("watch result handling failed")
+                return
             self._send(job.reply.topic, event, correlation=job.reply.correlation)
 
     def _close(self, job: Job, event: dict) -> bool:
@@ -573,6 +773,8 @@ class Daemon:
         if job.state == "done":
             return False
         job.state = "done"
+        if job.sink is not None:
+            return True
         self._active.pop(job.key, None)
         if self.s.recent_requests:
             self._recent[job.key] = event
@@ -583,16 +785,18 @@ class Daemon:
     # --- publishing -----------------------------------------------------------------------------------
 
     def _send(self, topic: str, payload: Any, *, qos: int = 1, retain: bool = False,
-              correlation: bytes | None = None, expiry_s: int | None = None) -> None:
+              correlation: bytes | None = None, expiry_s: int | None = None, content_type: str | None = None,
+              user: list[tuple[str, str]] | None = None) -> None:
         """Publish now (paho queues it for its network thread). Never call with the lock held."""
-        self._publish(topic, payload, qos, retain, correlation, expiry_s)
+        self._publish(topic, payload, qos, retain, correlation, expiry_s, content_type, user)
 
-    def _publish(self, topic, payload, qos, retain, correlation, expiry_s) -> None:
+    def _publish(self, topic, payload, qos, retain, correlation, expiry_s, content_type=None, user=None) -> None:
         is_json = not isinstance(payload, bytes)
         data = dumps(payload) if is_json else payload
         try:
             info = self.client.publish(topic, data, qos=qos, retain=retain,
-                                       properties=publish_props(correlation, expiry_s=expiry_s, json_payload=is_json))
+                                       properties=publish_props(correlation, expiry_s=expiry_s, json_payload=is_json,
+                                                                content_type=content_type, user=user))
         except Exception:
             log.exception("publish to %s failed", topic)
             self.stats["dropped_messages"] += 1
@@ -604,6 +808,8 @@ class Daemon:
 
     def _housekeeper_loop(self) -> None:
         next_metrics = time.monotonic() + min(1.0, self.s.metrics_interval_s)
+        snap_every = self.s.snapshot_interval_s
+        next_snap = time.monotonic() + (snap_every or 0)
         wd = self.notifier.watchdog_s
         next_wd = time.monotonic()
         while not self._stopped.wait(0.05):
@@ -629,6 +835,13 @@ class Daemon:
                 if self.connected.is_set():
                     self._send(self.topics.health, self.health(), qos=0, retain=True,
                                expiry_s=max(1, math.ceil(3 * self.s.metrics_interval_s)))
+            if snap_every and now >= next_snap and self.connected.is_set():
+                next_snap = now + snap_every
+                for cam in self.hub.names:
+                    try:
+                        self._media.submit(self._snapshot, None, None, cam)
+                    except RuntimeError:
+                        break
             if wd and now >= next_wd:
                 next_wd = now + wd / 2
                 if all(t.is_alive() for t in self._threads):
@@ -642,17 +855,24 @@ class Daemon:
         return {"v": 1, "ts": round(time.time(), 3), "state": state, "queue_depth": depth,
                 "in_flight": depth + int(running), **{k: v for k, v in self.stats.items() if k != "connects"},
                 "tokens_per_s": round(self._last_tps, 3), "memory_rss_bytes": _rss_bytes(),
-                "uptime_s": round(time.monotonic() - self._t0, 3)}
+                "uptime_s": round(time.monotonic() - self._t0, 3), "watch_jobs": len(self.watch),
+                "watch_runs": self.watch.stats["runs"], "watch_skipped": self.watch.stats["skipped"],
+                **({"cameras": self.hub.status()} if self.hub.names else {})}
 
     def capabilities(self) -> dict:
         s, t = self.s, self.topics
         return {"v": 1, "schema_version": SCHEMA_VERSION, "device_id": s.device_id,
-                "daemon_version": edge_sdk.__version__, "model": self.info, "ops": ["chat", "cancel"],
+                "daemon_version": edge_sdk.__version__, "model": self.info, "ops": list(OPS),
+                "cameras": self.hub.names,
                 "limits": {"max_tokens": s.max_tokens, "default_max_tokens": min(s.default_max_tokens, s.max_tokens),
                            "queue_length": s.queue_length, "max_pending_per_client": s.max_pending_per_client,
-                           "max_payload_bytes": s.max_payload_bytes, "max_messages": s.max_messages},
+                           "max_payload_bytes": s.max_payload_bytes, "max_messages": s.max_messages,
+                           "max_image_bytes": s.max_image_bytes, "watch_min_every_s": s.watch_min_every_s,
+                           "max_watch_jobs": s.max_watch_jobs},
                 "topics": {"request": t.request("{client}", "{op}"), "inbox": t.inbox("{client}"),
-                           "status": t.status, "capabilities": t.capabilities, "health": t.health},
+                           "status": t.status, "capabilities": t.capabilities, "health": t.health,
+                           "watch_events": t.watch_events("{camera}", "{client}", "{job_id}"),
+                           "snapshot": t.snapshot("{camera}")},
                 "started_at": round(self.started_at, 3)}
 
 

@@ -32,14 +32,23 @@ ERROR_STATUS: dict[str, int] = {
     "generation_error": 400,
     "unknown_op": 404,
     "payload_too_large": 413,
+    "invalid_image": 400,
     "unsupported_media": 415,
     "busy": 429,
     "internal": 500,
     "stopping": 503,
+    "camera_unavailable": 503,
 }
 ErrorCode = Literal["invalid_json", "invalid_request", "invalid_reply_topic", "generation_error",
-                    "unknown_op", "payload_too_large", "unsupported_media", "busy", "internal",
-                    "stopping"]
+                    "unknown_op", "payload_too_large", "invalid_image", "unsupported_media", "busy",
+                    "internal", "stopping", "camera_unavailable"]
+
+CAMERA_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+#: MQTT 5 user property that carries the JSON request of a binary (image) request payload.
+REQUEST_PROPERTY = "request"
+#: ... or just the text prompt to ask about the image.
+PROMPT_PROPERTY = "prompt"
 
 
 class _Strict(BaseModel):
@@ -60,18 +69,22 @@ class TextPart(_Strict):
 
 
 class ImagePart(_Strict):
-    """An image in a message. Name a camera the daemon owns (preferred: pixels stay on the device)
-    or inline base64 bytes (up to the payload limit). Needs a model with the 'image' modality."""
+    """An image in a message. Name a camera the daemon owns (preferred: pixels stay on the device,
+    the newest frame is used), inline base64 bytes (up to ``max_image_bytes``), or ``payload: true``:
+    the MQTT 5 binary payload of this request (the JSON request then travels in the user property
+    ``request``). Needs a model with the 'image' modality."""
 
     type: Literal["image"]
-    camera: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    camera: str | None = Field(default=None, pattern=CAMERA_PATTERN)
     data: str | None = Field(default=None, description="base64-encoded image file (JPEG/PNG)")
+    payload: Literal[True] | None = Field(
+        default=None, description="the image is this request's MQTT 5 binary payload (content type image/*)")
     mime: str | None = Field(default=None, pattern=r"^image/[a-z0-9.+-]{1,32}$")
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.camera is None) == (self.data is None):
-            raise ValueError("an image part names exactly one of 'camera' or 'data'")
+        if sum(x is not None for x in (self.camera, self.data, self.payload)) != 1:
+            raise ValueError("an image part names exactly one of 'camera', 'data' or 'payload'")
         if self.data is not None:
             try:
                 base64.b64decode(self.data, validate=True)
@@ -132,6 +145,53 @@ class CancelRequest(_Strict):
         if (self.request_id is None) == (not self.all):
             raise ValueError("give either 'request_id' or 'all': true")
         return self
+
+
+class WatchRequest(_Strict):
+    """Payload on ``R/req/C/watch``: ask ``prompt`` about camera ``camera`` every ``every_s``
+    seconds (or, with ``on_change``, when the scene changed, at most that often). Results go to
+    ``R/events/{camera}/watch/{C}/{job_id}`` until cancelled or expired. The job id is
+    ``request_id`` (or the Correlation Data); registering the same id again is idempotent."""
+
+    v: Literal[1] = 1
+    request_id: str | None = Field(default=None, pattern=JOB_ID_PATTERN,
+                                   description="the job id (a topic level); required unless in the Correlation Data")
+    reply_to: str | None = Field(default=None, max_length=512)
+    camera: str = Field(pattern=CAMERA_PATTERN)
+    prompt: str = Field(min_length=1, max_length=8192)
+    system: str | None = Field(default=None, max_length=8192, description="optional system message")
+    every_s: float = Field(ge=0.01, le=86_400.0, description="period; at least capabilities.limits.watch_min_every_s")
+    on_change: bool = Field(default=False, description="run only when the scene changed (at most every every_s)")
+    change_threshold: float | None = Field(default=None, gt=0.0, le=1.0,
+                                           description="mean absolute grey difference 0..1 (default: device setting)")
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=10.0)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    expires_s: float | None = Field(default=None, gt=0.0, le=10 * 365 * 86_400.0,
+                                    description="the job ends this many seconds after registration")
+    persistent: bool = Field(default=False, description="survive a daemon restart (needs the watch_store setting)")
+
+
+class WatchCancelRequest(_Strict):
+    """Payload on ``R/req/C/watch_cancel`` (the plain ``cancel`` with the job id works too)."""
+
+    v: Literal[1] = 1
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    request_id: str | None = Field(default=None, pattern=ID_PATTERN)
+    reply_to: str | None = Field(default=None, max_length=512)
+
+
+class SnapshotRequest(_Strict):
+    """Payload on ``R/req/C/snapshot``: the newest frame of ``camera`` as a JPEG."""
+
+    v: Literal[1] = 1
+    request_id: RequestId | None = None
+    reply_to: str | None = Field(default=None, max_length=512)
+    camera: str = Field(pattern=CAMERA_PATTERN)
+    max_side: int | None = Field(default=None, ge=16, le=8192, description="default: the snapshot_max_side setting")
+    encoding: Literal["binary", "base64"] = Field(
+        default="binary", description="binary: the JPEG is the MQTT payload (metadata in user properties); "
+                                      "base64: a JSON 'snapshot' event (MQTT 3.1.1 clients)")
 
 
 # --- events on the reply topic ----------------------------------------------------------------------
@@ -196,6 +256,89 @@ class Error(_Event):
 Event = Annotated[Union[Accepted, Delta, Result, Error], Field(discriminator="type")]
 
 
+class WatchRegistered(_Event):
+    """The one reply to a ``watch`` request (terminal)."""
+
+    v: Literal[1] = 1
+    type: Literal["watch_registered"] = "watch_registered"
+    request_id: str
+    seq: int = 0
+    job_id: str
+    camera: str
+    events_topic: str
+    every_s: float
+    on_change: bool
+    persistent: bool
+    expires_at: float | None = Field(description="Unix time the job ends, or null")
+
+
+class Snapshot(_Event):
+    """A snapshot as JSON (``encoding: base64``). With ``binary`` the payload is the JPEG and these
+    fields (except data) are MQTT 5 user properties, as strings."""
+
+    v: Literal[1] = 1
+    type: Literal["snapshot"] = "snapshot"
+    request_id: str | None = None
+    seq: int = 0
+    camera: str
+    mime: Literal["image/jpeg"] = "image/jpeg"
+    width: int
+    height: int
+    frame_seq: int
+    frame_ts: float = Field(description="Unix time the frame was captured")
+    data: str | None = Field(default=None, description="base64 JPEG (encoding base64 only)")
+
+
+# --- events on R/events/{camera}/watch/{C}/{job_id} ----------------------------------------------------
+
+
+class WatchEvent(_Event):
+    """One answer of a watch job."""
+
+    v: Literal[1] = 1
+    type: Literal["watch"] = "watch"
+    job_id: str
+    client: str
+    camera: str
+    seq: int = Field(description="per job, from 0; restarts at 0 when the daemon restarts")
+    ts: float = Field(description="Unix time of the answer")
+    trigger: Literal["interval", "change"]
+    change: float | None = Field(default=None, description="scene change that triggered it (on_change jobs)")
+    frame_seq: int
+    frame_ts: float
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+
+
+class WatchError(_Event):
+    """A tick that could not produce an answer (camera lost, inference failed); the job goes on."""
+
+    v: Literal[1] = 1
+    type: Literal["watch_error"] = "watch_error"
+    job_id: str
+    client: str
+    camera: str
+    seq: int
+    ts: float
+    status: int
+    code: ErrorCode
+    message: str
+
+
+class WatchEnd(_Event):
+    """The last event of a watch job."""
+
+    v: Literal[1] = 1
+    type: Literal["watch_end"] = "watch_end"
+    job_id: str
+    client: str
+    camera: str
+    seq: int
+    ts: float
+    reason: Literal["cancelled", "expired"]
+
+
 # --- retained device topics -------------------------------------------------------------------------
 
 
@@ -212,6 +355,9 @@ class Limits(_Event):
     max_pending_per_client: int
     max_payload_bytes: int
     max_messages: int
+    max_image_bytes: int | None = None
+    watch_min_every_s: float | None = None
+    max_watch_jobs: int | None = None
 
 
 class Capabilities(_Event):
@@ -221,6 +367,7 @@ class Capabilities(_Event):
     daemon_version: str
     model: ModelInfo
     ops: list[str] = ["chat", "cancel"]
+    cameras: list[str] = Field(default_factory=list, description="camera names usable in image parts, watch, snapshot")
     limits: Limits
     topics: dict[str, str] = Field(description="Topic templates; {client} is the requester's client name")
     started_at: float = Field(description="Unix time the daemon started")
@@ -241,6 +388,11 @@ class Health(_Event):
     tokens_per_s: float = Field(description="Decode speed of the last finished request")
     memory_rss_bytes: int | None
     uptime_s: float
+    watch_jobs: int | None = None
+    watch_runs: int | None = None
+    watch_skipped: int | None = Field(default=None, description="ticks skipped: queue full, previous run busy, no frame")
+    cameras: dict[str, dict[str, Any]] | None = Field(
+        default=None, description="per camera: connected, frames, reconnects, last_error")
 
 
 STATUS_VALUES = ("online", "stopping", "offline")
@@ -250,6 +402,14 @@ STATUS_VALUES = ("online", "stopping", "offline")
 SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "chat_request": ChatRequest,
     "cancel_request": CancelRequest,
+    "watch_request": WatchRequest,
+    "watch_cancel_request": WatchCancelRequest,
+    "snapshot_request": SnapshotRequest,
+    "watch_registered": WatchRegistered,
+    "snapshot": Snapshot,
+    "watch_event": WatchEvent,
+    "watch_error": WatchError,
+    "watch_end": WatchEnd,
     "accepted": Accepted,
     "delta": Delta,
     "result": Result,

@@ -1,0 +1,362 @@
+"""Watch jobs: "every N seconds (or on scene change) ask PROMPT about camera C".
+
+A client registers a job on ``R/req/C/watch``; one thread (``edge-sdk-watch``) ticks every job:
+
+- interval jobs run on a fixed grid (registration + k * every_s);
+- ``on_change`` jobs compare a 32x24 grey thumbnail of the newest frame with the one of the last
+  frame they ran on (mean absolute difference, 0..1) and run when it exceeds the threshold, at
+  most once per every_s; their first tick always runs.
+
+A tick hands one inference to the daemon's scheduler queue at the lowest priority (below every
+client request, so watch jobs never delay interactive work) with the frame already grabbed. A
+tick is skipped, and counted, when the queue is full or the job's previous run has not finished.
+A camera without a fresh frame gives one ``watch_error`` (camera_unavailable) per outage; the job
+retries every ``RETRY_S`` and its events resume when frames do.
+
+Events go to ``R/events/{camera}/watch/{C}/{job_id}`` (QoS 1): ``watch`` (an answer),
+``watch_error``, and a last ``watch_end`` (cancelled / expired). Persistent jobs are kept in a
+JSON file (``watch_store``) and restored when the daemon starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edge_sdk.serve.cameras import ImageRejected, grey_thumb, scene_change
+from edge_sdk.serve.protocol import ERROR_STATUS, WatchRequest
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edge_sdk.serve.daemon import Daemon
+
+log = logging.getLogger("edge_sdk.serve.watch")
+
+TICK_S = 0.02  # the watch thread's resolution
+RETRY_S = 0.1  # retry period while a camera has no fresh frame / an on_change job sees no change
+STORE_VERSION = 1
+
+
+class WatchRefused(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class WatchSpec:
+    """What is persisted about a job."""
+
+    client: str
+    job_id: str
+    camera: str
+    prompt: str
+    every_s: float
+    on_change: bool = False
+    change_threshold: float = 0.08
+    system: str | None = None
+    max_tokens: int | None = None
+    temperature: float = 0.0
+    seed: int | None = None
+    expires_at: float | None = None  # Unix time
+    persistent: bool = False
+    reply_topic: str | None = None
+    created_at: float = field(default_factory=time.time)
+
+
+@dataclass(eq=False)
+class WatchJob:
+    spec: WatchSpec
+    next_due: float  # time.monotonic()
+    seq: int = 0
+    ended: bool = False
+    busy: bool = False  # an inference of this job is queued or running
+    running: Any = None  # the daemon Job while busy
+    ref_thumb: Any = None  # grey thumbnail of the last frame it ran on (on_change)
+    unavailable: bool = False  # a camera_unavailable error was already reported for this outage
+    runs: int = 0
+    skipped: int = 0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.spec.client, self.spec.job_id)
+
+
+class WatchManager:
+    def __init__(self, daemon: "Daemon"):
+        self.d = daemon
+        self.s = daemon.s
+        self._lock = threading.Lock()
+        self._jobs: dict[tuple[str, str], WatchJob] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.stats = {"runs": 0, "skipped": 0}
+        self.store: Path | None = Path(self.s.watch_store) if self.s.watch_store else None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._restore()
+        self._thread = threading.Thread(target=self._loop, name="edge-sdk-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=3.0)
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def jobs(self) -> list[WatchSpec]:
+        with self._lock:
+            return [j.spec for j in self._jobs.values()]
+
+    # --- registration and cancel (network thread) ------------------------------------------------
+
+    def register(self, client: str, job_id: str, req: WatchRequest, reply_topic: str) -> tuple[WatchSpec, bool]:
+        """(spec, created). The same job id again returns the existing job (idempotent)."""
+        s = self.s
+        if req.camera not in self.d.hub:
+            raise WatchRefused("unsupported_media", f"no camera {req.camera!r} on this device "
+                                                    f"(cameras: {', '.join(self.d.hub.names) or 'none'})")
+        if "image" not in self.d.info["modalities"]:
+            raise WatchRefused("unsupported_media", f"model {self.d.info['name']} takes no images")
+        if req.every_s < s.watch_min_every_s:
+            raise WatchRefused("invalid_request", f"every_s {req.every_s} is below this device's minimum "
+                                                  f"watch_min_every_s ({s.watch_min_every_s})")
+        if req.max_tokens is not None and req.max_tokens > s.max_tokens:
+            raise WatchRefused("invalid_request", f"max_tokens {req.max_tokens} exceeds this device's limit {s.max_tokens}")
+        if req.persistent and self.store is None:
+            raise WatchRefused("invalid_request", "persistent watch jobs are off on this device (no watch_store set)")
+        now = time.time()
+        spec = WatchSpec(client=client, job_id=job_id, camera=req.camera, prompt=req.prompt, every_s=req.every_s,
+                         on_change=req.on_change, change_threshold=req.change_threshold or s.watch_change_threshold,
+                         system=req.system, max_tokens=req.max_tokens, temperature=req.temperature, seed=req.seed,
+                         expires_at=now + req.expires_s if req.expires_s else None, persistent=req.persistent,
+                         reply_topic=reply_topic, created_at=now)
+        with self._lock:
+            old = self._jobs.get((client, job_id))
+            if old is not None:
+                return old.spec, False
+            if len(self._jobs) >= s.max_watch_jobs:
+                raise WatchRefused("busy", f"{len(self._jobs)} watch jobs already run (max_watch_jobs "
+                                           f"{s.max_watch_jobs})")
+            self._jobs[(client, job_id)] = WatchJob(spec, next_due=time.monotonic())
+        log.info("watch job %s/%s: every %.2f s%s on camera %s%s", client, job_id, spec.every_s,
+                 " on change" if spec.on_change else "", spec.camera, " (persistent)" if spec.persistent else "")
+        if spec.persistent:
+            self._save()
+        return spec, True
+
+    def cancel(self, client: str, job_id: str) -> bool:
+        with self._lock:
+            job = self._jobs.get((client, job_id))
+        if job is None:
+            return False
+        self._end(job, "cancelled")
+        return True
+
+    def cancel_client(self, client: str, reply_to: str | None = None) -> int:
+        """All of ``client``'s jobs; with ``reply_to`` (a Last Will) only its non-persistent jobs
+        registered with that reply topic."""
+        with self._lock:
+            jobs = [j for j in self._jobs.values() if j.spec.client == client and (
+                reply_to is None or (not j.spec.persistent and j.spec.reply_topic == reply_to))]
+        for j in jobs:
+            self._end(j, "cancelled")
+        return len(jobs)
+
+    def _end(self, job: WatchJob, reason: str) -> None:
+        with self._lock:
+            if job.ended:
+                return
+            job.ended = True
+            self._jobs.pop(job.key, None)
+            running = job.running
+            seq = self._next_seq(job)
+        if running is not None:
+            running.cancel.set()
+        sp = job.spec
+        log.info("watch job %s/%s %s after %d runs", sp.client, sp.job_id, reason, job.runs)
+        self._emit(job, {"v": 1, "type": "watch_end", "job_id": sp.job_id, "client": sp.client, "camera": sp.camera,
+                         "seq": seq, "ts": round(time.time(), 3), "reason": reason})
+        if sp.persistent:
+            self._save()
+
+    @staticmethod
+    def _next_seq(job: WatchJob) -> int:
+        seq = job.seq
+        job.seq += 1
+        return seq
+
+    # --- the watch thread ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.wait(TICK_S):
+            now = time.monotonic()
+            wall = time.time()
+            with self._lock:
+                jobs = list(self._jobs.values())
+            for job in jobs:
+                if job.ended:
+                    continue
+                try:
+                    self._tick(job, now, wall)
+                except Exception:  # one broken job must not stop the others
+                    log.exception("watch job %s/%s tick failed", *job.key)
+                    job.next_due = now + job.spec.every_s
+
+    def _tick(self, job: WatchJob, now: float, wall: float) -> None:
+        sp = job.spec
+        if sp.expires_at is not None and wall >= sp.expires_at:
+            return self._end(job, "expired")
+        if now < job.next_due:
+            return
+        if job.busy:  # the previous run is still queued or running: skip this tick
+            return self._skip(job, now, "previous run busy")
+        try:
+            frame = self.d.hub.latest(sp.camera, timeout=0.0)
+        except ImageRejected as e:
+            job.next_due = now + RETRY_S
+            if not job.unavailable:
+                job.unavailable = True
+                self._skip(job, now, "no frame", advance=False)
+                self._error(job, e.code, e.message)
+            return
+        job.unavailable = False
+        trigger, change = "interval", None
+        thumb = None
+        if sp.on_change:
+            thumb = grey_thumb(frame.bgr)
+            if job.ref_thumb is not None:
+                change = scene_change(thumb, job.ref_thumb)
+                if change < sp.change_threshold:
+                    job.next_due = now + RETRY_S
+                    return
+            trigger = "change"
+        job.busy = True  # before the worker can see the run (it clears it when done)
+        if not self.d.submit_watch(self, job, frame, trigger, change):
+            job.busy = False
+            return self._skip(job, now, "queue full")
+        job.runs += 1
+        self.stats["runs"] += 1
+        if thumb is not None:
+            job.ref_thumb = thumb
+        if sp.on_change:
+            job.next_due = now + sp.every_s
+        else:
+            job.next_due += sp.every_s
+            if job.next_due <= now:  # fell behind (slow model): keep the grid, drop missed ticks
+                missed = int((now - job.next_due) // sp.every_s) + 1
+                job.next_due += missed * sp.every_s
+
+    def _skip(self, job: WatchJob, now: float, why: str, advance: bool = True) -> None:
+        job.skipped += 1
+        self.stats["skipped"] += 1
+        log.debug("watch job %s/%s: tick skipped (%s)", *job.key, why)
+        if advance:
+            sp = job.spec
+            job.next_due += sp.every_s
+            if job.next_due <= now:
+                job.next_due = now + sp.every_s
+
+    # --- results (called from the daemon's worker through the job's sink) ----------------------------
+
+    def prompt_for(self, job: WatchJob, rgb: Any) -> list[dict]:
+        sp = job.spec
+        msgs: list[dict] = []
+        if sp.system:
+            msgs.append({"role": "system", "content": sp.system})
+        msgs.append({"role": "user", "content": [{"type": "image", "image": rgb}, {"type": "text", "text": sp.prompt}]})
+        return msgs
+
+    def finished(self, job: WatchJob, frame: Any, trigger: str, change: float | None, event: dict) -> None:
+        """The daemon's terminal event of one run -> a watch / watch_error event."""
+        with self._lock:
+            job.busy = False
+            job.running = None
+            if job.ended or self._stop.is_set():
+                return
+            seq = self._next_seq(job)
+        sp = job.spec
+        base = {"v": 1, "job_id": sp.job_id, "client": sp.client, "camera": sp.camera, "seq": seq,
+                "ts": round(time.time(), 3)}
+        if event.get("type") == "result":
+            if event.get("finish_reason") == "cancelled":
+                return
+            self._emit(job, {**base, "type": "watch", "trigger": trigger,
+                             "change": round(change, 4) if change is not None else None,
+                             "frame_seq": frame.seq, "frame_ts": round(frame.ts, 3), "text": event["text"],
+                             "finish_reason": event["finish_reason"], "usage": event["usage"]})
+        else:
+            self._emit(job, {**base, "type": "watch_error", "status": event.get("status", 500),
+                             "code": event.get("code", "internal"), "message": event.get("message", "")})
+
+    def _error(self, job: WatchJob, code: str, message: str) -> None:
+        with self._lock:
+            seq = self._next_seq(job)
+        sp = job.spec
+        self._emit(job, {"v": 1, "type": "watch_error", "job_id": sp.job_id, "client": sp.client, "camera": sp.camera,
+                         "seq": seq, "ts": round(time.time(), 3), "status": ERROR_STATUS.get(code, 500),
+                         "code": code, "message": message})
+
+    def _emit(self, job: WatchJob, event: dict) -> None:
+        sp = job.spec
+        self.d._send(self.d.topics.watch_events(sp.camera, sp.client, sp.job_id), event, qos=1,
+                     expiry_s=max(10, int(3 * sp.every_s)))
+
+    # --- persistence --------------------------------------------------------------------------------
+
+    def _save(self) -> None:
+        if self.store is None:
+            return
+        with self._lock:
+            recs = [asdict(j.spec) for j in self._jobs.values() if j.spec.persistent]
+        tmp = self.store.with_name(self.store.name + ".tmp")
+        try:
+            self.store.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"v": STORE_VERSION, "jobs": recs}, indent=1))
+            os.replace(tmp, self.store)
+        except OSError as e:
+            log.error("cannot save watch jobs to %s: %s", self.store, e)
+
+    def _restore(self) -> None:
+        if self.store is None or not self.store.exists():
+            return
+        try:
+            data = json.loads(self.store.read_text())
+            recs = data.get("jobs", []) if isinstance(data, dict) else []
+        except (OSError, ValueError) as e:
+            log.error("cannot read watch jobs from %s: %s (starting without them)", self.store, e)
+            return
+        now = time.time()
+        kept = 0
+        for rec in recs:
+            try:
+                spec = WatchSpec(**rec)
+            except TypeError as e:
+                log.warning("skipping a bad watch job record in %s: %s", self.store, e)
+                continue
+            if spec.expires_at is not None and spec.expires_at <= now:
+                log.info("watch job %s/%s expired while the daemon was down", spec.client, spec.job_id)
+                continue
+            if spec.camera not in self.d.hub:
+                log.warning("watch job %s/%s: camera %r is no longer configured; dropped", spec.client,
+                            spec.job_id, spec.camera)
+                continue
+            self._jobs[(spec.client, spec.job_id)] = WatchJob(spec, next_due=time.monotonic())
+            kept += 1
+        log.info("restored %d persistent watch jobs from %s", kept, self.store)
+        if kept != len(recs):
+            self._save()
