@@ -61,7 +61,10 @@ def _prompt(args):
     if args.prompt_ids:
         return [int(t) for t in args.prompt_ids.split(",") if t.strip()]
     if args.messages:
-        return json.loads(Path(args.messages).read_text())
+        try:
+            return json.loads(Path(args.messages).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{args.messages}: cannot read chat messages ({exc})") from None
     if args.image:
         return [{"role": "user", "content": [{"type": "image", "image": str(img)} for img in args.image]
                  + [{"type": "text", "text": args.prompt or "Describe the image."}]}]

@@ -91,3 +91,20 @@ def test_bad_prompts_are_clear_errors(model):
         model.generate(3.5)
     with pytest.raises(GenerationError, match="role"):
         model.generate([{"role": "robot", "content": "hi"}])
+
+
+def test_cli_messages_file(tiny_checkpoints, build_package, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    pkg = build_package(tiny_checkpoints["text"])
+    messages = [{"role": "system", "content": "You are a robot."}, {"role": "user", "content": "Hi"}]
+    (tmp_path / "chat.json").write_text(json.dumps(messages))
+    run = lambda f: subprocess.run([sys.executable, "-m", "edge_sdk.cli", "generate", str(pkg), "--messages", str(f),
+                                    "--max-tokens", "6", "--json"], capture_output=True, text=True, timeout=120)
+    out = run(tmp_path / "chat.json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["tokens"] == edge_sdk.load(pkg).generate(messages, max_tokens=6).tokens
+    missing = run(tmp_path / "nope.json")
+    assert missing.returncode == 2 and "nope.json: cannot read chat messages" in missing.stderr
