@@ -108,3 +108,16 @@ def test_cli_messages_file(tiny_checkpoints, build_package, tmp_path):
     assert json.loads(out.stdout)["tokens"] == edge_sdk.load(pkg).generate(messages, max_tokens=6).tokens
     missing = run(tmp_path / "nope.json")
     assert missing.returncode == 2 and "nope.json: cannot read chat messages" in missing.stderr
+
+
+def test_runtime_and_daemon_never_import_torch_or_transformers(tiny_checkpoints, build_package):
+    """Build/test-time tools only: a Jetson image need not carry them."""
+    import subprocess
+    import sys
+
+    pkg = build_package(tiny_checkpoints["mm_tied"])
+    code = ("import sys, edge_sdk, edge_sdk.serve.daemon, edge_sdk.client, edge_sdk.cli, edge_sdk.media.camera;"
+            f"m = edge_sdk.load({str(pkg)!r}); m.generate('hi', max_tokens=2);"
+            "bad = [n for n in ('torch', 'transformers') if n in sys.modules]; assert not bad, bad")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
