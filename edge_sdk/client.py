@@ -136,6 +136,35 @@ def error_from_event(ev: dict) -> EdgeError:
     return ServerError(msg, **kw)
 
 
+def _item_error(item: Any) -> BaseException | None:
+    """The exception a queued item stands for: the item itself when the core delivered one
+    (offline, client closed), the mapped EdgeError of an 'error' event; None otherwise."""
+    if isinstance(item, BaseException):
+        return item
+    if item.get("type") == "error":
+        return error_from_event(item)
+    return None
+
+
+def _threadsafe_putter(loop: asyncio.AbstractEventLoop, q: asyncio.Queue) -> Callable[[Any], None]:
+    """A deliver callback for paho's thread that puts items on an asyncio queue of ``loop``."""
+
+    def deliver(item, _loop=loop, _q=q):
+        try:
+            _loop.call_soon_threadsafe(_q.put_nowait, item)
+        except RuntimeError:  # loop closed
+            pass
+
+    return deliver
+
+
+def _snapshot_payload(camera: str, max_side: int | None) -> dict:
+    payload: dict[str, Any] = {"v": 1, "request_id": uuid.uuid4().hex, "camera": camera}
+    if max_side is not None:
+        payload["max_side"] = max_side
+    return payload
+
+
 # --- the shared core (paho network thread side) -------------------------------------------------------
 
 
@@ -426,10 +455,9 @@ class _Core:
             self.forget(p.request_id)
             raise RequestTimeoutError(f"no answer to {op} {p.request_id} within {timeout:.1f} s",
                                       request_id=p.request_id, code="timeout") from None
-        if isinstance(ev, BaseException):
-            raise ev
-        if ev.get("type") == "error":
-            raise error_from_event(ev)
+        err = _item_error(ev)
+        if err is not None:
+            raise err
         return ev
 
     def add_subscription(self, topic: str, handler: Callable[[Any], None], timeout: float) -> None:
@@ -595,10 +623,15 @@ def _watch_item(ev: dict) -> Any:
 
 
 class _WatchBase:
-    """What the sync and async watch handles share: subscription, registration and cancel."""
+    """What the sync and async watch handles share: subscription, registration, cancel and the
+    handling of each queued item; only the wait for the next item differs."""
 
-    def __init__(self, core: _Core, payload: dict, deliver: Callable[[Any], None]):
+    _q: Any  # the subclass's queue (queue.Queue or asyncio.Queue), made before this __init__ runs
+
+    def __init__(self, core: _Core, payload: dict, deliver: Callable[[Any], None], event_timeout: float | None):
         self._core = core
+        self.event_timeout = event_timeout
+        self.end: WatchEnd | None = None
         self.job_id: str = payload["request_id"]
         self.camera: str = payload["camera"]
         self.persistent: bool = payload["persistent"]
@@ -636,6 +669,33 @@ class _WatchBase:
         except Exception:  # pragma: no cover
             log.debug("watch_cancel publish failed", exc_info=True)
 
+    def _detach(self) -> None:
+        self._stop_listening()
+        if not self._finished:
+            self._q.put_nowait(None)  # wakes a waiting get(), which then ends the iteration
+
+    def _no_event(self, timeout: float | None) -> RequestTimeoutError:
+        return RequestTimeoutError(f"no watch event for job {self.job_id} within {timeout} s",
+                                   request_id=self.job_id, code="timeout")
+
+    def _take(self, item: Any) -> WatchEvent | WatchError | None:
+        """Handle one queued item: the event to return, or None (skipped, or the end: then
+        ``_finished`` is set). Raises a delivered exception (offline, client closed)."""
+        if item is None:  # detach() or the client closed
+            self._finished = True
+            return None
+        if isinstance(item, BaseException):
+            self._finished = True
+            self._stop_listening()
+            raise item
+        ev = _watch_item(item)
+        if isinstance(ev, WatchEnd):
+            self.end = ev
+            self._finished = True
+            self._stop_listening()
+            return None
+        return ev
+
 
 class WatchHandle(_WatchBase):
     """Events of one watch job: ``for ev in handle`` yields ``WatchEvent`` (an answer) and
@@ -645,35 +705,19 @@ class WatchHandle(_WatchBase):
 
     def __init__(self, core: _Core, payload: dict, event_timeout: float | None):
         self._q: queue.Queue = queue.Queue()
-        super().__init__(core, payload, self._q.put)
-        self.event_timeout = event_timeout
-        self.end: WatchEnd | None = None
+        super().__init__(core, payload, self._q.put, event_timeout)
 
     def get(self, timeout: float | None = None) -> WatchEvent | WatchError:
         """The next event; RequestTimeoutError if none within ``timeout``; StopIteration at the end."""
-        while True:
-            if self._finished:
-                raise StopIteration
+        while not self._finished:
             try:
                 item = self._q.get(timeout=timeout)
             except queue.Empty:
-                raise RequestTimeoutError(f"no watch event for job {self.job_id} within {timeout} s",
-                                          request_id=self.job_id, code="timeout") from None
-            if item is None:
-                self._finished = True
-                raise StopIteration
-            if isinstance(item, BaseException):
-                self._finished = True
-                self._stop_listening()
-                raise item
-            ev = _watch_item(item)
-            if isinstance(ev, WatchEnd):
-                self.end = ev
-                self._finished = True
-                self._stop_listening()
-                raise StopIteration
+                raise self._no_event(timeout) from None
+            ev = self._take(item)
             if ev is not None:
                 return ev
+        raise StopIteration
 
     def __iter__(self) -> Iterator[WatchEvent | WatchError]:
         return self
@@ -688,9 +732,7 @@ class WatchHandle(_WatchBase):
 
     def detach(self) -> None:
         """Stop listening; the job keeps running on the device (e.g. a persistent one)."""
-        self._stop_listening()
-        if not self._finished:
-            self._q.put(None)
+        self._detach()
 
     def __enter__(self) -> "WatchHandle":
         return self
@@ -704,41 +746,18 @@ class AsyncWatchHandle(_WatchBase):
 
     def __init__(self, core: _Core, payload: dict, loop: asyncio.AbstractEventLoop, event_timeout: float | None):
         self._q: asyncio.Queue = asyncio.Queue()
-
-        def deliver(item, _loop=loop, _q=self._q):
-            try:
-                _loop.call_soon_threadsafe(_q.put_nowait, item)
-            except RuntimeError:  # loop closed
-                pass
-
-        super().__init__(core, payload, deliver)
-        self.event_timeout = event_timeout
-        self.end: WatchEnd | None = None
+        super().__init__(core, payload, _threadsafe_putter(loop, self._q), event_timeout)
 
     async def get(self, timeout: float | None = None) -> WatchEvent | WatchError:
-        while True:
-            if self._finished:
-                raise StopAsyncIteration
+        while not self._finished:
             try:
                 item = await asyncio.wait_for(self._q.get(), timeout=timeout)
             except asyncio.TimeoutError:
-                raise RequestTimeoutError(f"no watch event for job {self.job_id} within {timeout} s",
-                                          request_id=self.job_id, code="timeout") from None
-            if item is None:
-                self._finished = True
-                raise StopAsyncIteration
-            if isinstance(item, BaseException):
-                self._finished = True
-                self._stop_listening()
-                raise item
-            ev = _watch_item(item)
-            if isinstance(ev, WatchEnd):
-                self.end = ev
-                self._finished = True
-                self._stop_listening()
-                raise StopAsyncIteration
+                raise self._no_event(timeout) from None
+            ev = self._take(item)
             if ev is not None:
                 return ev
+        raise StopAsyncIteration
 
     def __aiter__(self) -> AsyncIterator[WatchEvent | WatchError]:
         return self
@@ -751,9 +770,7 @@ class AsyncWatchHandle(_WatchBase):
         await self.detach()
 
     async def detach(self) -> None:
-        self._stop_listening()
-        if not self._finished:
-            self._q.put_nowait(None)
+        self._detach()
 
     async def __aenter__(self) -> "AsyncWatchHandle":
         return self
@@ -782,11 +799,11 @@ def _snapshot_bytes(ev: dict) -> bytes:
 # --- sync client ------------------------------------------------------------------------------------
 
 
-class ChatStream:
-    """Iterator over a request's ``ChatDelta``s; ``.result`` holds the ``ChatResult`` afterwards.
-    Closing it early (or leaving a ``with`` block) cancels the request on the device."""
+class _StreamBase:
+    """What ``ChatStream`` and ``AsyncChatStream`` share: the deadline, the handling of each queued
+    event and cancel/close; only the wait for the next item (queue.get or asyncio.wait_for) differs."""
 
-    def __init__(self, core: _Core, pending: _Pending, q: queue.Queue, timeout: float):
+    def __init__(self, core: _Core, pending: _Pending, q: Any, timeout: float):
         self._core = core
         self._p = pending
         self._q = q
@@ -797,34 +814,63 @@ class ChatStream:
         self.queue_position: int | None = None
         self._finished = False
 
+    def _left(self) -> float:
+        """Seconds left before the request times out (never negative)."""
+        return max(0.0, self._deadline - time.monotonic())
+
+    def _timed_out(self) -> RequestTimeoutError:
+        """End the stream after its deadline passed: forget and cancel the request."""
+        self._finished = True
+        self._core.forget(self.request_id)
+        self._core.cancel(self.request_id)
+        return RequestTimeoutError(f"no final answer for {self.request_id} within {self._timeout:.1f} s",
+                                   request_id=self.request_id, code="timeout")
+
+    def _take(self, item: Any) -> ChatDelta | None:
+        """Handle one queued item: a delta to return, or None ('accepted', or the result: then
+        ``_finished`` is set). Raises the error an item stands for."""
+        err = _item_error(item)
+        if err is not None:
+            self._finished = True
+            raise err
+        kind = item.get("type")
+        if kind == "accepted":
+            self.queue_position = item.get("queue_position")
+        elif kind == "delta":
+            return Delta.model_validate(item)
+        elif kind == "result":
+            self._finished = True
+            self.result = Result.model_validate(item)
+        return None
+
+    def cancel(self) -> None:
+        """Ask the device to stop; the stream then ends with finish_reason 'cancelled'."""
+        if not self._finished:
+            self._core.cancel(self.request_id)
+
+    def _close(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._core.forget(self.request_id)
+            self._core.cancel(self.request_id)
+
+
+class ChatStream(_StreamBase):
+    """Iterator over a request's ``ChatDelta``s; ``.result`` holds the ``ChatResult`` afterwards.
+    Closing it early (or leaving a ``with`` block) cancels the request on the device."""
+
     def __iter__(self) -> Iterator[ChatDelta]:
         return self
 
     def __next__(self) -> ChatDelta:
         while not self._finished:
-            left = self._deadline - time.monotonic()
             try:
-                item = self._q.get(timeout=max(0.0, left))
+                item = self._q.get(timeout=self._left())
             except queue.Empty:
-                self._finished = True
-                self._core.forget(self.request_id)
-                self._core.cancel(self.request_id)
-                raise RequestTimeoutError(f"no final answer for {self.request_id} within {self._timeout:.1f} s",
-                                          request_id=self.request_id, code="timeout") from None
-            if isinstance(item, BaseException):
-                self._finished = True
-                raise item
-            kind = item.get("type")
-            if kind == "accepted":
-                self.queue_position = item.get("queue_position")
-            elif kind == "delta":
-                return Delta.model_validate(item)
-            elif kind == "result":
-                self._finished = True
-                self.result = Result.model_validate(item)
-            elif kind == "error":
-                self._finished = True
-                raise error_from_event(item)
+                raise self._timed_out() from None
+            delta = self._take(item)
+            if delta is not None:
+                return delta
         raise StopIteration
 
     def wait(self) -> ChatResult:
@@ -838,16 +884,8 @@ class ChatStream:
     def text(self) -> str | None:
         return self.result.text if self.result else None
 
-    def cancel(self) -> None:
-        """Ask the device to stop; the stream then ends with finish_reason 'cancelled'."""
-        if not self._finished:
-            self._core.cancel(self.request_id)
-
     def close(self) -> None:
-        if not self._finished:
-            self._finished = True
-            self._core.forget(self.request_id)
-            self._core.cancel(self.request_id)
+        self._close()
 
     def __enter__(self) -> "ChatStream":
         return self
@@ -927,9 +965,7 @@ class Client:
         """The newest frame of the device's camera ``camera`` as JPEG bytes (scaled to fit
         ``max_side``, default the device's snapshot_max_side). Raises UnsupportedMediaError for an
         unknown camera, CameraUnavailableError when it has no fresh frame."""
-        payload: dict[str, Any] = {"v": 1, "request_id": uuid.uuid4().hex, "camera": camera}
-        if max_side is not None:
-            payload["max_side"] = max_side
+        payload = _snapshot_payload(camera, max_side)
         return _snapshot_bytes(self._core.request("snapshot", payload, self._st.timeout if timeout is None else timeout))
 
     def watch(self, camera: str, prompt: str, *, every: float, on_change: bool = False,
@@ -967,47 +1003,21 @@ class Client:
 # --- asyncio client ---------------------------------------------------------------------------------
 
 
-class AsyncChatStream:
+class AsyncChatStream(_StreamBase):
     """``async for delta in stream``; ``.result`` afterwards. ``await stream.aclose()`` cancels."""
-
-    def __init__(self, core: _Core, pending: _Pending, q: asyncio.Queue, timeout: float):
-        self._core = core
-        self._q = q
-        self._deadline = time.monotonic() + timeout
-        self._timeout = timeout
-        self.request_id = pending.request_id
-        self.result: ChatResult | None = None
-        self.queue_position: int | None = None
-        self._finished = False
 
     def __aiter__(self) -> AsyncIterator[ChatDelta]:
         return self
 
     async def __anext__(self) -> ChatDelta:
         while not self._finished:
-            left = self._deadline - time.monotonic()
             try:
-                item = await asyncio.wait_for(self._q.get(), timeout=max(0.0, left))
+                item = await asyncio.wait_for(self._q.get(), timeout=self._left())
             except asyncio.TimeoutError:
-                self._finished = True
-                self._core.forget(self.request_id)
-                self._core.cancel(self.request_id)
-                raise RequestTimeoutError(f"no final answer for {self.request_id} within {self._timeout:.1f} s",
-                                          request_id=self.request_id, code="timeout") from None
-            if isinstance(item, BaseException):
-                self._finished = True
-                raise item
-            kind = item.get("type")
-            if kind == "accepted":
-                self.queue_position = item.get("queue_position")
-            elif kind == "delta":
-                return Delta.model_validate(item)
-            elif kind == "result":
-                self._finished = True
-                self.result = Result.model_validate(item)
-            elif kind == "error":
-                self._finished = True
-                raise error_from_event(item)
+                raise self._timed_out() from None
+            delta = self._take(item)
+            if delta is not None:
+                return delta
         raise StopAsyncIteration
 
     async def wait(self) -> ChatResult:
@@ -1016,15 +1026,8 @@ class AsyncChatStream:
         assert self.result is not None
         return self.result
 
-    def cancel(self) -> None:
-        if not self._finished:
-            self._core.cancel(self.request_id)
-
     async def aclose(self) -> None:
-        if not self._finished:
-            self._finished = True
-            self._core.forget(self.request_id)
-            self._core.cancel(self.request_id)
+        self._close()
 
     async def __aenter__(self) -> "AsyncChatStream":
         return self
@@ -1084,13 +1087,7 @@ class AsyncClient:
                                      stream=stream, deadline=deadline, priority=priority)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-
-        def deliver(item, _loop=loop, _q=q):
-            try:
-                _loop.call_soon_threadsafe(_q.put_nowait, item)
-            except RuntimeError:  # loop closed
-                pass
-
+        deliver = _threadsafe_putter(loop, q)
         if core.status is None:  # waiting for the retained status blocks: do it off the loop
             await loop.run_in_executor(None, core.wait_status, min(self._st.status_wait, timeout))
         payload, attachment = prepare_images(payload)
@@ -1104,9 +1101,7 @@ class AsyncClient:
     async def snapshot(self, camera: str, *, max_side: int | None = None, timeout: float | None = None) -> bytes:
         """As ``Client.snapshot``."""
         core = await self._c()
-        payload: dict[str, Any] = {"v": 1, "request_id": uuid.uuid4().hex, "camera": camera}
-        if max_side is not None:
-            payload["max_side"] = max_side
+        payload = _snapshot_payload(camera, max_side)
         t = self._st.timeout if timeout is None else timeout
         ev = await asyncio.get_running_loop().run_in_executor(None, core.request, "snapshot", payload, t)
         return _snapshot_bytes(ev)

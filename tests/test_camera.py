@@ -12,21 +12,7 @@ import pytest
 
 from edge_sdk.media.camera import Camera, CameraClosed, CameraTimeout, parse_source
 
-W, H = 64, 48
-
-
-def write_avi(path, color, frames=10, fps=25.0) -> None:
-    """An MJPG .avi of solid `color` (BGR) frames, written next to `path` and moved into place."""
-    tmp = str(path) + ".part.avi"
-    vw = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"MJPG"), fps, (W, H))
-    assert vw.isOpened()
-    for i in range(frames):
-        f = np.empty((H, W, 3), np.uint8)
-        f[:] = color
-        f[:4, : (i + 1) * 4] = 255  # a progress bar, so consecutive frames differ
-        vw.write(f)
-    vw.release()
-    os.replace(tmp, path)
+from avi_files import H, W, write_avi
 
 
 def colour(frame) -> np.ndarray:
@@ -53,7 +39,7 @@ def test_parse_source():
 
 def test_latest_frame_not_a_backlog(tmp_path):
     path = tmp_path / "a.avi"
-    write_avi(path, (200, 0, 0), frames=40, fps=50)
+    write_avi(path, (200, 0, 0), frames=40, fps=50, bar=True)
     with Camera(path, backoff=0.05, backoff_max=0.2) as cam:
         frame, ts, seq = cam.latest(timeout=3.0)
         assert frame.shape == (H, W, 3) and frame.dtype == np.uint8
@@ -71,7 +57,7 @@ def test_latest_frame_not_a_backlog(tmp_path):
 
 def test_reconnects_when_file_removed_and_back(tmp_path):
     path = tmp_path / "cam.avi"
-    write_avi(path, (0, 0, 200), frames=6, fps=30)
+    write_avi(path, (0, 0, 200), frames=6, fps=30, bar=True)
     cam = Camera(path, backoff=0.05, backoff_max=0.2)
     try:
         frame, _, seq = cam.latest(timeout=3.0)
@@ -81,7 +67,7 @@ def test_reconnects_when_file_removed_and_back(tmp_path):
         with pytest.raises(CameraTimeout):
             cam.latest(timeout=0.2, newer_than=cam.seq)  # nothing new while the source is gone
         before = cam.reconnects
-        write_avi(path, (0, 200, 0), frames=6, fps=30)
+        write_avi(path, (0, 200, 0), frames=6, fps=30, bar=True)
         frame, _, seq2 = cam.latest(timeout=3.0, newer_than=cam.seq)
         assert seq2 > seq
         assert np.allclose(colour(frame), (0, 200, 0), atol=12)
@@ -93,12 +79,12 @@ def test_reconnects_when_file_removed_and_back(tmp_path):
 
 def test_replaced_file_is_picked_up_when_looping(tmp_path):
     path = tmp_path / "loop.avi"
-    write_avi(path, (0, 0, 200), frames=5, fps=50)
+    write_avi(path, (0, 0, 200), frames=5, fps=50, bar=True)
     with Camera(path, loop=True, backoff=0.05) as cam:
         cam.latest(timeout=3.0)
         assert wait_for(lambda: cam.seq > 12, 3.0)  # played past the 5 frames: it loops
         assert cam.opens >= 2 and cam.reconnects == 0
-        write_avi(path, (200, 200, 0), frames=5, fps=50)  # replaced on disk (atomic rename)
+        write_avi(path, (200, 200, 0), frames=5, fps=50, bar=True)  # replaced on disk (atomic rename)
 
         def new_colour():
             return np.allclose(colour(cam.latest(timeout=1.0)[0]), (200, 200, 0), atol=12)
@@ -107,7 +93,7 @@ def test_replaced_file_is_picked_up_when_looping(tmp_path):
 
 def test_end_without_reconnect_and_close(tmp_path):
     path = tmp_path / "once.avi"
-    write_avi(path, (100, 100, 100), frames=3, fps=50)
+    write_avi(path, (100, 100, 100), frames=3, fps=50, bar=True)
     cam = Camera(path, reconnect=False)
     frame, _, seq = cam.latest(timeout=3.0)
     assert wait_for(lambda: not cam.running, 3.0)

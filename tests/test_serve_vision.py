@@ -21,27 +21,11 @@ from edge_sdk.mqtt_common import publish_props
 from edge_sdk.serve.broker import mosquitto_binary
 from edge_sdk.serve.protocol import Error, WatchEnd
 
+from avi_files import H, W, write_avi
 from mqtt_broker import *  # noqa: F401,F403
 from mqtt_broker import FakeModel, RawClient
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
-
-W, H = 64, 48
-
-
-def write_avi(path, color, frames=10, fps=25.0, bar=False) -> None:
-    """An MJPG .avi of `color` (BGR) frames, written aside and moved into place."""
-    tmp = str(path) + ".part.avi"
-    vw = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"MJPG"), fps, (W, H))
-    assert vw.isOpened()
-    for i in range(frames):
-        f = np.empty((H, W, 3), np.uint8)
-        f[:] = color
-        if bar:
-            f[:4, : (i + 1) * 4] = 255
-        vw.write(f)
-    vw.release()
-    os.replace(tmp, path)
 
 
 def first_frame_rgb(path) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 import subprocess
 import time
-from typing import Any
+from typing import Any, Callable
 
 DEFAULT_PROMPT = [{"role": "user", "content": "Describe what a mobile robot should do when its camera sees a red box."}]
 
@@ -30,31 +30,32 @@ def _speed(n_tokens: int, t_first: float | None, t_end: float) -> float | None:
     return (n_tokens - 1) / (t_end - t_first)
 
 
-def _in_process(model, prompt, kw) -> tuple[dict, list[int]]:
+def _measure(start: Callable[[], Any], completion_tokens: Callable[[Any], int]) -> tuple[dict, Any]:
+    """Time one streamed generation: ``start()`` returns the stream, iterated to its end here;
+    ``completion_tokens(result)`` reads the token count off the stream's result. Returns the
+    timings row and the result."""
     t0 = time.perf_counter()
-    s = model.stream(prompt, **kw)
-    first = None
-    for d in s:
-        if first is None:
-            first = time.perf_counter()
-    end = time.perf_counter()
-    r = s.result
-    return {"ttft_ms": (first - t0) * 1000 if first else None, "tokens_per_s": _speed(r.completion_tokens, first, end),
-            "total_ms": (end - t0) * 1000, "tokens": r.completion_tokens}, list(r.tokens)
-
-
-def _over_mqtt(client, prompt, kw) -> tuple[dict, list[int]]:
-    t0 = time.perf_counter()
-    s = client.chat(prompt, stream=True, **kw)
+    s = start()
     first = None
     for _ in s:
         if first is None:
             first = time.perf_counter()
     end = time.perf_counter()
     r = s.result
-    return {"ttft_ms": (first - t0) * 1000 if first else None, "tokens_per_s": _speed(r.usage.completion_tokens, first, end),
-            "total_ms": (end - t0) * 1000, "tokens": r.usage.completion_tokens,
-            "daemon_ttft_ms": r.usage.time_to_first_token_ms, "daemon_queue_ms": r.usage.queue_ms}, list(r.tokens)
+    n = completion_tokens(r)
+    return {"ttft_ms": (first - t0) * 1000 if first else None, "tokens_per_s": _speed(n, first, end),
+            "total_ms": (end - t0) * 1000, "tokens": n}, r
+
+
+def _in_process(model, prompt, kw) -> tuple[dict, list[int]]:
+    row, r = _measure(lambda: model.stream(prompt, **kw), lambda r: r.completion_tokens)
+    return row, list(r.tokens)
+
+
+def _over_mqtt(client, prompt, kw) -> tuple[dict, list[int]]:
+    row, r = _measure(lambda: client.chat(prompt, stream=True, **kw), lambda r: r.usage.completion_tokens)
+    row.update(daemon_ttft_ms=r.usage.time_to_first_token_ms, daemon_queue_ms=r.usage.queue_ms)
+    return row, list(r.tokens)
 
 
 def bench_mqtt(model: Any, *, prompt: Any = None, max_tokens: int = 64, runs: int = 5, warmup: int = 1,

@@ -60,6 +60,33 @@ class _Event(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class _ReplyEvent(_Event):
+    # The envelope of every event on a reply topic. Subclasses narrow ``type`` to a literal and may
+    # redefine ``request_id``/``seq`` (a redefined field keeps its place, so the schemas keep
+    # their field order).
+    v: Literal[1] = 1
+    type: str
+    request_id: str
+    seq: int
+
+
+class _WatchJobEvent(_Event):
+    # The envelope of every event on a watch job's events topic (as _ReplyEvent).
+    v: Literal[1] = 1
+    type: str
+    job_id: str
+    client: str
+    camera: str
+    seq: int
+    ts: float
+
+
+def _require_one(message: str, *given: bool) -> None:
+    """A request rule: exactly one of the alternatives is given, else ``ValueError(message)``."""
+    if sum(given) != 1:
+        raise ValueError(message)
+
+
 # --- requests -------------------------------------------------------------------------------------
 
 
@@ -83,8 +110,8 @@ class ImagePart(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self):
-        if sum(x is not None for x in (self.camera, self.data, self.payload)) != 1:
-            raise ValueError("an image part names exactly one of 'camera', 'data' or 'payload'")
+        _require_one("an image part names exactly one of 'camera', 'data' or 'payload'",
+                     self.camera is not None, self.data is not None, self.payload is not None)
         if self.data is not None:
             try:
                 base64.b64decode(self.data, validate=True)
@@ -126,8 +153,7 @@ class ChatRequest(_Strict):
 
     @model_validator(mode="after")
     def _one_prompt(self):
-        if (self.messages is None) == (self.prompt is None):
-            raise ValueError("give exactly one of 'messages' or 'prompt'")
+        _require_one("give exactly one of 'messages' or 'prompt'", self.messages is not None, self.prompt is not None)
         return self
 
 
@@ -142,8 +168,7 @@ class CancelRequest(_Strict):
 
     @model_validator(mode="after")
     def _what(self):
-        if (self.request_id is None) == (not self.all):
-            raise ValueError("give either 'request_id' or 'all': true")
+        _require_one("give either 'request_id' or 'all': true", self.request_id is not None, self.all)
         return self
 
 
@@ -197,19 +222,14 @@ class SnapshotRequest(_Strict):
 # --- events on the reply topic ----------------------------------------------------------------------
 
 
-class Accepted(_Event):
-    v: Literal[1] = 1
+class Accepted(_ReplyEvent):
     type: Literal["accepted"] = "accepted"
-    request_id: str
     seq: int = 0
     queue_position: int = Field(description="0 = runs next")
 
 
-class Delta(_Event):
-    v: Literal[1] = 1
+class Delta(_ReplyEvent):
     type: Literal["delta"] = "delta"
-    request_id: str
-    seq: int
     text: str
     tokens: list[int]
 
@@ -226,26 +246,21 @@ class Usage(_Event):
 FinishReason = Literal["stop", "length", "cancelled", "deadline"]
 
 
-class Result(_Event):
+class Result(_ReplyEvent):
     """The one terminal event of a served request: the whole text, even when deltas were lost."""
 
-    v: Literal[1] = 1
     type: Literal["result"] = "result"
-    request_id: str
-    seq: int
     text: str
     tokens: list[int]
     finish_reason: FinishReason
     usage: Usage
 
 
-class Error(_Event):
+class Error(_ReplyEvent):
     """The terminal event of a refused or failed request."""
 
-    v: Literal[1] = 1
     type: Literal["error"] = "error"
     request_id: str | None
-    seq: int
     status: int
     code: ErrorCode
     message: str
@@ -256,12 +271,10 @@ class Error(_Event):
 Event = Annotated[Union[Accepted, Delta, Result, Error], Field(discriminator="type")]
 
 
-class WatchRegistered(_Event):
+class WatchRegistered(_ReplyEvent):
     """The one reply to a ``watch`` request (terminal)."""
 
-    v: Literal[1] = 1
     type: Literal["watch_registered"] = "watch_registered"
-    request_id: str
     seq: int = 0
     job_id: str
     camera: str
@@ -272,11 +285,10 @@ class WatchRegistered(_Event):
     expires_at: float | None = Field(description="Unix time the job ends, or null")
 
 
-class Snapshot(_Event):
+class Snapshot(_ReplyEvent):
     """A snapshot as JSON (``encoding: base64``). With ``binary`` the payload is the JPEG and these
     fields (except data) are MQTT 5 user properties, as strings."""
 
-    v: Literal[1] = 1
     type: Literal["snapshot"] = "snapshot"
     request_id: str | None = None
     seq: int = 0
@@ -292,14 +304,10 @@ class Snapshot(_Event):
 # --- events on R/events/{camera}/watch/{C}/{job_id} ----------------------------------------------------
 
 
-class WatchEvent(_Event):
+class WatchEvent(_WatchJobEvent):
     """One answer of a watch job."""
 
-    v: Literal[1] = 1
     type: Literal["watch"] = "watch"
-    job_id: str
-    client: str
-    camera: str
     seq: int = Field(description="per job, from 0; restarts at 0 when the daemon restarts")
     ts: float = Field(description="Unix time of the answer")
     trigger: Literal["interval", "change"]
@@ -311,31 +319,19 @@ class WatchEvent(_Event):
     usage: Usage
 
 
-class WatchError(_Event):
+class WatchError(_WatchJobEvent):
     """A tick that could not produce an answer (camera lost, inference failed); the job goes on."""
 
-    v: Literal[1] = 1
     type: Literal["watch_error"] = "watch_error"
-    job_id: str
-    client: str
-    camera: str
-    seq: int
-    ts: float
     status: int
     code: ErrorCode
     message: str
 
 
-class WatchEnd(_Event):
+class WatchEnd(_WatchJobEvent):
     """The last event of a watch job."""
 
-    v: Literal[1] = 1
     type: Literal["watch_end"] = "watch_end"
-    job_id: str
-    client: str
-    camera: str
-    seq: int
-    ts: float
     reason: Literal["cancelled", "expired"]
 
 
