@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 from .devices import check_build, load_profile
@@ -78,16 +79,16 @@ def build(checkpoint: str | Path, recipe: QuantRecipe, device: str = "cpu", out:
     graphs = {"embed": graph_entry(out_dir, "embed.onnx"), "decoder": graph_entry(out_dir, "decoder.onnx")}
     if cfg.vision is not None:
         from .export.vision import export_vision
+        from .models.pixtral import load_vision_weights
 
-        vision_weights = {n: ckpt.get(n) for n in ckpt.names() if n.startswith(("vision_tower.", "multi_modal_projector."))}
-        export_vision(vision_weights, cfg.vision, cfg.text.hidden_size, out_dir, dtype=dtype)
+        export_vision(load_vision_weights(ckpt), cfg.vision, cfg.text.hidden_size, out_dir, dtype=dtype)
         graphs["vision"] = graph_entry(out_dir, "vision.onnx")
     _write_tokenizer(tok_path, out_dir / "tekken.json", profile.max_image_size)
 
     manifest = Manifest(
         model_name=ckpt_dir.resolve().name, model=cfg, quant=recipe.model_dump(), device=profile.name,
         context_length=context_length, graphs=graphs, tokenizer="tekken.json",
-        extra={"quant_report": [r.model_dump() if hasattr(r, "model_dump") else vars(r) for r in quantized.report]})
+        extra={"quant_report": [asdict(r) for r in quantized.report]})
     manifest = write_manifest(out_dir, manifest)
     if profile.backend == "tensorrt":
         from .runtime.tensorrt import compile_package
