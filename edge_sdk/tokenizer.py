@@ -147,14 +147,12 @@ class Tokenizer:
             if role not in _ROLES:
                 raise ValueError(f"message {i}: unknown role {role!r}; expected one of {sorted(_ROLES)}")
             content = m.get("content")
-            if isinstance(content, str):
-                pass
-            elif isinstance(content, (list, tuple)):
+            if isinstance(content, (list, tuple)):
                 if not content:
                     raise ValueError(f"message {i}: content list is empty")
                 content = [self._to_chunk(i, j, p, images_ok=(role == "user"))
                            for j, p in enumerate(content)]
-            else:
+            elif not isinstance(content, str):
                 raise ValueError(f"message {i} ({role}): content must be a str or a list of parts, "
                                  f"got {type(content).__name__}")
             kwargs = {"prefix": True} if role == "assistant" and m.get("prefix") else {}

@@ -421,18 +421,17 @@ class Daemon:
                 return
             done = self._recent.get(job.key)
             mine = sum(1 for j in self._active.values() if j.client == client_name)
-            if done is not None:
-                pass
-            elif self._stopping:
-                refuse = ("stopping", "the daemon is shutting down", None)
-            elif mine >= s.max_pending_per_client:
-                refuse = ("busy", f"client {client_name!r} already has {mine} requests pending "
-                                  f"(limit {s.max_pending_per_client})", self._retry_after_ms())
-            elif sum(1 for j in self._queue if j.sink is None) >= s.queue_length:  # watch runs never count
-                refuse = ("busy", f"queue full ({s.queue_length} waiting)", self._retry_after_ms())
-            else:
-                position = sum(1 for j in self._queue if j.priority >= req.priority)
-                self._active[job.key] = job  # reserved: duplicates are ignored from here on
+            if done is None:  # else it finished recently: its final event is sent again below
+                if self._stopping:
+                    refuse = ("stopping", "the daemon is shutting down", None)
+                elif mine >= s.max_pending_per_client:
+                    refuse = ("busy", f"client {client_name!r} already has {mine} requests pending "
+                                      f"(limit {s.max_pending_per_client})", self._retry_after_ms())
+                elif sum(1 for j in self._queue if j.sink is None) >= s.queue_length:  # watch runs never count
+                    refuse = ("busy", f"queue full ({s.queue_length} waiting)", self._retry_after_ms())
+                else:
+                    position = sum(1 for j in self._queue if j.priority >= req.priority)
+                    self._active[job.key] = job  # reserved: duplicates are ignored from here on
         if done is not None:
             log.info("request %s/%s already finished; resending its final event", client_name, rid)
             return self._send(reply.topic, done, correlation=reply.correlation)
