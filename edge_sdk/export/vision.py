@@ -33,7 +33,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from ..models.config import VisionConfig
-from ..models.pixtral import VISION_NORM_EPS, check_weights, hidden_act, rope_inv_freq
+from ..models.pixtral import VISION_NORM_EPS, check_weights, rope_inv_freq
 from .onnx_builder import GraphBuilder, save
 
 VISION_FILE = "vision.onnx"
@@ -97,7 +97,7 @@ class VisionGraph:
 
     def _act(self, x: str) -> str:
         g = self.g
-        if hidden_act(self.cfg) == "silu":
+        if self.cfg.hidden_act == "silu":
             return g.op("Mul", x, g.op("Sigmoid", x))
         return self._gelu(x)
 

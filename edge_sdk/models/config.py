@@ -118,6 +118,7 @@ class VisionConfig(BaseModel):
     num_channels: int = 3
     rope_theta: float = 10_000.0
     rms_norm_eps: float = 1e-5
+    hidden_act: str = "silu"  # the encoder checks it supports this
     spatial_merge_size: int = 2
     image_token_id: int = 10
     image_break_token_id: int = 12
@@ -202,6 +203,7 @@ def _vision_from_hf(cfg: dict) -> VisionConfig:
         num_channels=v.get("num_channels", 3),
         rope_theta=rope.get("rope_theta", v.get("rope_theta", 10_000.0)),
         rms_norm_eps=text_eps,
+        hidden_act=v.get("hidden_act", "silu"),
         spatial_merge_size=cfg.get("spatial_merge_size", 2),
         image_token_id=cfg.get("image_token_id", cfg.get("image_token_index", 10)),
         projector_hidden_act=cfg.get("projector_hidden_act", "gelu"),

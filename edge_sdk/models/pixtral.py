@@ -76,9 +76,6 @@ def _opt(weights: Mapping[str, np.ndarray], name: str) -> np.ndarray | None:
         return None
 
 
-def hidden_act(cfg: VisionConfig) -> str:
-    # Pixtral checkpoints use SiLU (SwiGLU); VisionConfig may later carry the field.
-    return getattr(cfg, "hidden_act", "silu") or "silu"
 
 
 def check_weights(weights: Mapping[str, np.ndarray], cfg: VisionConfig) -> int:
@@ -106,8 +103,8 @@ def check_weights(weights: Mapping[str, np.ndarray], cfg: VisionConfig) -> int:
         raise ValueError(f"projector linear_1 {l1.shape} / linear_2 {l2.shape} do not chain from {d}")
     if cfg.projector_hidden_act not in ("gelu",):
         raise ValueError(f"projector_hidden_act {cfg.projector_hidden_act!r} is not supported (gelu)")
-    if hidden_act(cfg) not in ("silu", "gelu"):
-        raise ValueError(f"vision hidden_act {hidden_act(cfg)!r} is not supported (silu, gelu)")
+    if cfg.hidden_act not in ("silu", "gelu"):
+        raise ValueError(f"vision hidden_act {cfg.hidden_act!r} is not supported (silu, gelu)")
     return int(l2.shape[0])
 
 
@@ -218,7 +215,7 @@ def vision_tower(weights: Mapping[str, np.ndarray], cfg: VisionConfig,
     """Encoder only: last hidden state [sum(h*w), D] for all images, and each image's (h, w)."""
     p, d = cfg.patch_size, cfg.hidden_size
     heads, hd = cfg.num_heads, cfg.head_dim
-    act = hidden_act(cfg)
+    act = cfg.hidden_act
     conv = _get(weights, "vision_tower.patch_conv.weight").reshape(d, -1).T  # [C*p*p, D]
     chunks, grids = [], []
     for img in images:
