@@ -1,6 +1,7 @@
 # edge_sdk — everything a newcomer or CI needs, from a fresh machine.
 #   make demo   build a tiny Ministral 3 into an INT4 engine package and serve it over a local mosquitto
 #   make test   run the test suite
+#   make serve  the device set-up locally: mosquitto with devices/mosquitto's config + the daemon on the demo package
 
 PYTHON ?= python3
 VENV   := .venv
@@ -8,7 +9,7 @@ PY     := $(VENV)/bin/python
 SYSTEM_PACKAGES := mosquitto mosquitto-clients libmosquitto-dev gcc
 DEMO_DIR := engines/demo
 
-.PHONY: demo test system-deps install clean
+.PHONY: demo test serve system-deps install clean
 
 # Debian packages: the broker the daemon talks to, and libmosquitto for the C firmware example.
 system-deps:
@@ -35,6 +36,9 @@ $(DEMO_DIR)/int4-cpu/manifest.json: $(DEMO_DIR)/checkpoint/config.json
 
 demo: install $(DEMO_DIR)/int4-cpu/manifest.json
 	$(PY) examples/demo.py $(DEMO_DIR)/int4-cpu
+
+serve: install $(DEMO_DIR)/int4-cpu/manifest.json
+	EDGE_SDK=$(VENV)/bin/edge-sdk devices/serve_local.sh $(DEMO_DIR)/int4-cpu $(or $(PORT),1883)
 
 test: install
 	$(PY) -m pytest -q
