@@ -68,11 +68,6 @@ class RopeConfig(BaseModel):
             return get_mscale(self.factor, self.mscale) / get_mscale(self.factor, self.mscale_all_dim)
         return get_mscale(self.factor)
 
-    def query_scale(self, position: int) -> float:
-        if self.llama_4_scaling_beta is None or not self.original_max_position_embeddings:
-            return 1.0
-        return 1.0 + self.llama_4_scaling_beta * math.log(1 + position // self.original_max_position_embeddings)
-
 
 class TextConfig(BaseModel):
     """The Ministral 3 decoder (also the Llama-type decoder inside Voxtral)."""

@@ -25,10 +25,6 @@ class OrtCache:
 
     arrays: dict[str, np.ndarray]
 
-    @property
-    def length(self) -> int:
-        return next(iter(self.arrays.values())).shape[2]
-
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
