@@ -6,7 +6,7 @@ to the on-device daemon over MQTT. Both are imported on first use, so `import ed
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "Client", "AsyncClient", "__version__"]
+__all__ = ["load", "Client", "AsyncClient", "discover", "__version__"]
 
 
 def __getattr__(name):
@@ -14,7 +14,7 @@ def __getattr__(name):
         from .runtime.model import load
 
         return load
-    if name in ("Client", "AsyncClient"):
+    if name in ("Client", "AsyncClient", "discover"):
         from . import client
 
         return getattr(client, name)

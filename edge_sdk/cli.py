@@ -115,7 +115,7 @@ def cmd_bench(args) -> int:
     """Decode speed vs the bandwidth roofline; with --mqtt, the broker's overhead; with --vision, images."""
     if args.mqtt:
         from .runtime.model import load
-        from .serve.bench import bench_mqtt, format_bench
+        from .bench_mqtt import bench_mqtt, format_bench
 
         model = load(args.engine, backend=args.backend, **_backend_options(args))
         report = bench_mqtt(model, max_tokens=args.new_tokens, runs=args.runs, host=args.broker_host,
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve an engine package over MQTT (the on-device daemon)",
                        description="Connect to the local MQTT broker and serve text and image requests; "
-                                   "see edge_sdk/serve/PROTOCOL.md for topics and payloads.")
+                                   "see edge_sdk/protocol/PROTOCOL.md for topics and payloads.")
     add_serve_arguments(p)
     p.set_defaults(func=run_serve)
 

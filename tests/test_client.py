@@ -11,7 +11,7 @@ from edge_sdk.client import (AsyncClient, BadRequestError, BrokerConnectionError
                              DeviceOfflineError, RequestTimeoutError, UnsupportedMediaError, build_chat_payload,
                              discover, error_from_event)
 from edge_sdk.serve.broker import free_port
-from edge_sdk.serve.protocol import ChatRequest
+from edge_sdk.protocol.models import ChatRequest
 
 from mqtt_broker import *  # noqa: F401,F403
 
@@ -71,9 +71,9 @@ def test_timeout_cancels_on_device(serve_model, start_daemon, mosquitto):
             c.chat("slow", max_tokens=1000, timeout=0.3)
         assert time.monotonic() - t0 < 1.0
         end = time.monotonic() + 3
-        while d._running is not None and time.monotonic() < end:
+        while d.scheduler.running is not None and time.monotonic() < end:
             time.sleep(0.02)
-        assert d._running is None and d.stats["cancelled"] == 1
+        assert d.scheduler.running is None and d.stats["cancelled"] == 1
         # closing a stream early cancels too
         with c.chat("slow", max_tokens=1000, stream=True) as s:
             next(iter(s))

@@ -12,8 +12,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edge_sdk.client import BusyError, Client, DeviceOfflineError
-from edge_sdk.mqtt_common import SCHEMA_VERSION, Topics
-from edge_sdk.serve.protocol import Accepted, Capabilities, Delta, Error, Health, Result
+from edge_sdk.protocol.topics import SCHEMA_VERSION, Topics
+from edge_sdk.protocol.models import Accepted, Capabilities, Delta, Error, Health, Result
 
 from mqtt_broker import *  # noqa: F401,F403
 from mqtt_broker import RawClient
@@ -388,9 +388,9 @@ def test_vanished_client_is_cancelled_by_its_will(serve_model, start_daemon, mos
     c._core.client.socket().shutdown(socket.SHUT_RDWR)
     c._core.client.socket().close()
     end = time.monotonic() + 5
-    while time.monotonic() < end and (d.stats["cancelled"] == 0 or d._running is not None):
+    while time.monotonic() < end and (d.stats["cancelled"] == 0 or d.scheduler.running is not None):
         time.sleep(0.02)
-    assert d.stats["cancelled"] == 1 and d._running is None
+    assert d.stats["cancelled"] == 1 and d.scheduler.running is None
 
 
 def test_sd_notify_ready_and_watchdog(serve_model, start_daemon, mosquitto, tmp_path, monkeypatch):
@@ -471,6 +471,6 @@ def test_restart_with_running_and_queued_requests(serve_model, start_daemon, mos
 def test_daemon_and_sdk_do_not_import_torch():
     import subprocess
     import sys
-    code = ("import sys, edge_sdk.serve.daemon, edge_sdk.serve.cli, edge_sdk.serve.bench, edge_sdk.client; "
+    code = ("import sys, edge_sdk.serve.daemon, edge_sdk.serve.cli, edge_sdk.bench_mqtt, edge_sdk.client; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge_sdk.serve.bench import bench_mqtt, format_bench
+from edge_sdk.bench_mqtt import bench_mqtt, format_bench
 from edge_sdk.serve.broker import mosquitto_binary
 
 from mqtt_broker import make_serve_model

@@ -14,7 +14,7 @@ from edge_sdk.client import Client
 from edge_sdk.serve.broker import Mosquitto, mosquitto_binary
 from edge_sdk.serve.config import ServeSettings
 from edge_sdk.serve.daemon import Daemon
-from edge_sdk.serve.protocol import ERROR_STATUS, Error, Result
+from edge_sdk.protocol.models import ERROR_STATUS, Error, Result
 
 from mqtt_broker import RawClient, make_serve_model
 

@@ -10,16 +10,17 @@ import socket
 import pytest
 from pydantic import ValidationError
 
-from edge_sdk.mqtt_common import Topics, check_device_id, sanitize_device_id
+from edge_sdk.protocol.topics import Topics, check_device_id, sanitize_device_id
 from edge_sdk.serve.cli import add_serve_arguments, run_schema, settings_from_args
 from edge_sdk.serve.config import ServeSettings
-from edge_sdk.serve.protocol import SCHEMA_DIR, CancelRequest, ChatRequest, json_schemas
+from edge_sdk.protocol.json_schema import SCHEMA_DIR, json_schemas
+from edge_sdk.protocol.models import CancelRequest, ChatRequest
 from edge_sdk.serve.sdnotify import Notifier
 
 
 def test_committed_schemas_match_the_models():
     """Changing a payload model changes the contract: regenerate with
-    ``python -m edge_sdk.serve schema --out edge_sdk/serve/schemas`` and bump SCHEMA_VERSION."""
+    ``python -m edge_sdk.serve schema --out edge_sdk/protocol/schemas`` and bump SCHEMA_VERSION."""
     for name, schema in json_schemas().items():
         path = SCHEMA_DIR / f"{name}.schema.json"
         assert path.exists(), f"missing {path}"

@@ -19,7 +19,7 @@ from edge_sdk.client import (BadRequestError, CameraUnavailableError, Client, De
                              InvalidImageError, RequestTimeoutError, UnsupportedMediaError, WatchError, WatchEvent, encode_image_input)
 from edge_sdk.mqtt_common import publish_props
 from edge_sdk.serve.broker import mosquitto_binary
-from edge_sdk.serve.protocol import Error, WatchEnd
+from edge_sdk.protocol.models import Error, WatchEnd
 
 from avi_files import H, W, write_avi
 from mqtt_broker import *  # noqa: F401,F403

@@ -1,6 +1,7 @@
-"""The MQTT daemon (``edge-sdk serve``): topics and payloads (protocol.py, PROTOCOL.md),
-settings (config.py), the daemon (daemon.py), the benchmark (bench.py) and a private mosquitto
-runner for tests and benchmarks (broker.py).
+"""The MQTT daemon (``edge-sdk serve``): one request walks transport -> admission -> scheduler ->
+worker -> events (see daemon.py for the map); settings in config.py, watch jobs, cameras,
+snapshots and the housekeeper beside them, a private mosquitto runner for tests and benchmarks in
+broker.py. The wire contract is edge_sdk.protocol.
 
 Importing this package is cheap; the daemon loads on first use of ``Daemon`` / ``serve``.
 """

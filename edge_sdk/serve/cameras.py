@@ -18,18 +18,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from edge_sdk.media.mime import sniff_mime
+from edge_sdk.serve.transport import Refusal
+
 log = logging.getLogger("edge_sdk.serve.cameras")
 
-_MAGIC = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"), (b"BM", "image/bmp"))
 
-
-class ImageRejected(Exception):
+class ImageRejected(Refusal):
     """An image input the daemon refuses; ``code`` is a protocol error code."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class CameraUnavailable(ImageRejected):
@@ -37,16 +33,6 @@ class CameraUnavailable(ImageRejected):
 
     def __init__(self, message: str):
         super().__init__("camera_unavailable", message)
-
-
-def sniff_mime(data: bytes) -> str | None:
-    """image/jpeg, image/png, image/webp, image/bmp from the first bytes; None for anything else."""
-    for magic, mime in _MAGIC:
-        if data.startswith(magic):
-            return mime
-    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return None
 
 
 def check_image_bytes(data: bytes, max_bytes: int) -> str:

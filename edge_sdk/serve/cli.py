@@ -107,7 +107,7 @@ def add_schema_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_schema(args: argparse.Namespace) -> int:
     """``edge-sdk schema``: print (or write) the JSON Schemas of every payload."""
-    from edge_sdk.serve.protocol import json_schemas, write_schemas
+    from edge_sdk.protocol.json_schema import json_schemas, write_schemas
 
     if args.out:
         for p in write_schemas(args.out):

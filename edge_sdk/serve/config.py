@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from edge_sdk.mqtt_common import DEFAULT_PREFIX, check_device_id, check_prefix, sanitize_device_id
+from edge_sdk.protocol.topics import DEFAULT_PREFIX, check_device_id, check_prefix, sanitize_device_id
 
 _CAMERA_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 

@@ -7,7 +7,7 @@ A client registers a job on ``R/req/C/watch``; one thread (``edge-sdk-watch``) t
   frame they ran on (mean absolute difference, 0..1) and run when it exceeds the threshold, at
   most once per every_s; their first tick always runs.
 
-A tick hands one inference to the daemon's scheduler queue at the lowest priority (below every
+A tick hands one inference to the scheduler's queue at the lowest priority (below every
 client request, so watch jobs never delay interactive work) with the frame already grabbed. A
 tick is skipped, and counted, when the queue is full or the job's previous run has not finished.
 A camera without a fresh frame gives one ``watch_error`` (camera_unavailable) per outage; the job
@@ -27,26 +27,22 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
-from edge_sdk.serve.cameras import ImageRejected, grey_thumb, scene_change
-from edge_sdk.serve.protocol import ERROR_STATUS, WatchRequest
+from pydantic import BaseModel
 
-if TYPE_CHECKING:  # pragma: no cover
-    from edge_sdk.serve.daemon import Daemon
+from edge_sdk.protocol.models import ERROR_STATUS, ChatRequest, Result, WatchEnd, WatchError, WatchEvent, WatchRequest
+from edge_sdk.protocol.topics import Topics
+from edge_sdk.serve.cameras import CameraHub, ImageRejected, grey_thumb, scene_change
+from edge_sdk.serve.config import ServeSettings
+from edge_sdk.serve.scheduler import WATCH_PRIORITY, Job
+from edge_sdk.serve.transport import Refusal
 
 log = logging.getLogger("edge_sdk.serve.watch")
 
 TICK_S = 0.02  # the watch thread's resolution
 RETRY_S = 0.1  # retry period while a camera has no fresh frame / an on_change job sees no change
 STORE_VERSION = 1
-
-
-class WatchRefused(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass
@@ -77,7 +73,7 @@ class WatchJob:
     seq: int = 0
     ended: bool = False
     busy: bool = False  # an inference of this job is queued or running
-    running: Any = None  # the daemon Job while busy
+    running: Job | None = None  # the scheduler's job while busy
     ref_thumb: Any = None  # grey thumbnail of the last frame it ran on (on_change)
     unavailable: bool = False  # a camera_unavailable error was already reported for this outage
     runs: int = 0
@@ -89,9 +85,16 @@ class WatchJob:
 
 
 class WatchManager:
-    def __init__(self, daemon: "Daemon"):
-        self.d = daemon
-        self.s = daemon.s
+    """The watch jobs of every client. It is handed what it uses: the cameras, ``enqueue`` (the
+    scheduler's: queue one run, False when full) and ``publish`` (topic, event, qos, expiry)."""
+
+    def __init__(self, settings: ServeSettings, topics: Topics, hub: CameraHub, enqueue: Callable[[Job], bool],
+                 publish: Callable[..., Any]):
+        self.s = settings
+        self.topics = topics
+        self.hub = hub
+        self.enqueue = enqueue
+        self.publish = publish
         self._lock = threading.Lock()
         self._jobs: dict[tuple[str, str], WatchJob] = {}
         self._stop = threading.Event()
@@ -125,20 +128,9 @@ class WatchManager:
     # --- registration and cancel (network thread) ------------------------------------------------
 
     def register(self, client: str, job_id: str, req: WatchRequest, reply_topic: str) -> tuple[WatchSpec, bool]:
-        """(spec, created). The same job id again returns the existing job (idempotent)."""
+        """(spec, created) for a request admission.py has checked. The same job id again returns
+        the existing job (idempotent); raises Refusal ``busy`` at ``max_watch_jobs``."""
         s = self.s
-        if req.camera not in self.d.hub:
-            raise WatchRefused("unsupported_media", f"no camera {req.camera!r} on this device "
-                                                    f"(cameras: {', '.join(self.d.hub.names) or 'none'})")
-        if "image" not in self.d.info["modalities"]:
-            raise WatchRefused("unsupported_media", f"model {self.d.info['name']} takes no images")
-        if req.every_s < s.watch_min_every_s:
-            raise WatchRefused("invalid_request", f"every_s {req.every_s} is below this device's minimum "
-                                                  f"watch_min_every_s ({s.watch_min_every_s})")
-        if req.max_tokens is not None and req.max_tokens > s.max_tokens:
-            raise WatchRefused("invalid_request", f"max_tokens {req.max_tokens} exceeds this device's limit {s.max_tokens}")
-        if req.persistent and self.store is None:
-            raise WatchRefused("invalid_request", "persistent watch jobs are off on this device (no watch_store set)")
         now = time.time()
         spec = WatchSpec(client=client, job_id=job_id, camera=req.camera, prompt=req.prompt, every_s=req.every_s,
                          on_change=req.on_change, change_threshold=req.change_threshold or s.watch_change_threshold,
@@ -150,8 +142,8 @@ class WatchManager:
             if old is not None:
                 return old.spec, False
             if len(self._jobs) >= s.max_watch_jobs:
-                raise WatchRefused("busy", f"{len(self._jobs)} watch jobs already run (max_watch_jobs "
-                                           f"{s.max_watch_jobs})")
+                raise Refusal("busy", f"{len(self._jobs)} watch jobs already run (max_watch_jobs "
+                                      f"{s.max_watch_jobs})")
             self._jobs[(client, job_id)] = WatchJob(spec, next_due=time.monotonic())
         log.info("watch job %s/%s: every %.2f s%s on camera %s%s", client, job_id, spec.every_s,
                  " on change" if spec.on_change else "", spec.camera, " (persistent)" if spec.persistent else "")
@@ -189,8 +181,7 @@ class WatchManager:
             running.cancel.set()
         sp = job.spec
         log.info("watch job %s/%s %s after %d runs", sp.client, sp.job_id, reason, job.runs)
-        self._emit(job, {"v": 1, "type": "watch_end", "job_id": sp.job_id, "client": sp.client, "camera": sp.camera,
-                         "seq": seq, "ts": round(time.time(), 3), "reason": reason})
+        self._emit(job, WatchEnd(**self._envelope(job, seq), reason=reason))
         if sp.persistent:
             self._save()
 
@@ -226,7 +217,7 @@ class WatchManager:
         if job.busy:  # the previous run is still queued or running: skip this tick
             return self._skip(job, now, "previous run busy")
         try:
-            frame = self.d.hub.latest(sp.camera, timeout=0.0)
+            frame = self.hub.latest(sp.camera, timeout=0.0)
         except ImageRejected as e:
             job.next_due = now + RETRY_S
             if not job.unavailable:
@@ -246,7 +237,7 @@ class WatchManager:
                     return
             trigger = "change"
         job.busy = True  # before the worker can see the run (it clears it when done)
-        if not self.d.submit_watch(self, job, frame, trigger, change):
+        if not self._submit(job, frame, trigger, change):
             job.busy = False
             return self._skip(job, now, "queue full")
         job.runs += 1
@@ -271,49 +262,63 @@ class WatchManager:
             if job.next_due <= now:
                 job.next_due = now + sp.every_s
 
-    # --- results (called from the daemon's worker through the job's sink) ----------------------------
+    # --- runs: queued on the scheduler, ended by the worker ------------------------------------------
 
-    def prompt_for(self, job: WatchJob, rgb: Any) -> list[dict]:
+    def _submit(self, job: WatchJob, frame: Any, trigger: str, change: float | None) -> bool:
+        """Queue one run of ``job`` on ``frame``; False if the queue is full or stopping."""
         sp = job.spec
+        s = self.s
+        req = ChatRequest.model_construct(stream=False, max_tokens=min(sp.max_tokens or s.default_max_tokens, s.max_tokens),
+                                          temperature=sp.temperature, seed=sp.seed, priority=0)
+        run = Job(sp.client, f"watch-{sp.client}-{sp.job_id}-{job.seq}", req,
+                  send=lambda ev: self._finished(job, frame, trigger, change, ev), received=time.monotonic(),
+                  deadline=None, priority=WATCH_PRIORITY, prompt=self._prompt(sp, frame.rgb()))
+        job.running = run
+        if self.enqueue(run):
+            return True
+        job.running = None
+        return False
+
+    @staticmethod
+    def _prompt(sp: WatchSpec, rgb: Any) -> list[dict]:
         msgs: list[dict] = []
         if sp.system:
             msgs.append({"role": "system", "content": sp.system})
         msgs.append({"role": "user", "content": [{"type": "image", "image": rgb}, {"type": "text", "text": sp.prompt}]})
         return msgs
 
-    def finished(self, job: WatchJob, frame: Any, trigger: str, change: float | None, event: dict) -> None:
-        """The daemon's terminal event of one run -> a watch / watch_error event."""
+    def _finished(self, job: WatchJob, frame: Any, trigger: str, change: float | None, event: BaseModel) -> None:
+        """The terminal event of one run -> a watch / watch_error event."""
         with self._lock:
             job.busy = False
             job.running = None
             if job.ended or self._stop.is_set():
                 return
             seq = self._next_seq(job)
-        sp = job.spec
-        base = {"v": 1, "job_id": sp.job_id, "client": sp.client, "camera": sp.camera, "seq": seq,
-                "ts": round(time.time(), 3)}
-        if event.get("type") == "result":
-            if event.get("finish_reason") == "cancelled":
+        base = self._envelope(job, seq)
+        if isinstance(event, Result):
+            if event.finish_reason == "cancelled":
                 return
-            self._emit(job, {**base, "type": "watch", "trigger": trigger,
-                             "change": round(change, 4) if change is not None else None,
-                             "frame_seq": frame.seq, "frame_ts": round(frame.ts, 3), "text": event["text"],
-                             "finish_reason": event["finish_reason"], "usage": event["usage"]})
+            self._emit(job, WatchEvent(**base, trigger=trigger, change=round(change, 4) if change is not None else None,
+                                       frame_seq=frame.seq, frame_ts=round(frame.ts, 3), text=event.text,
+                                       finish_reason=event.finish_reason, usage=event.usage))
         else:
-            self._emit(job, {**base, "type": "watch_error", "status": event.get("status", 500),
-                             "code": event.get("code", "internal"), "message": event.get("message", "")})
+            self._emit(job, WatchError(**base, status=event.status, code=event.code, message=event.message))
 
     def _error(self, job: WatchJob, code: str, message: str) -> None:
         with self._lock:
             seq = self._next_seq(job)
-        sp = job.spec
-        self._emit(job, {"v": 1, "type": "watch_error", "job_id": sp.job_id, "client": sp.client, "camera": sp.camera,
-                         "seq": seq, "ts": round(time.time(), 3), "status": ERROR_STATUS.get(code, 500),
-                         "code": code, "message": message})
+        self._emit(job, WatchError(**self._envelope(job, seq), status=ERROR_STATUS.get(code, 500), code=code,
+                                   message=message))
 
-    def _emit(self, job: WatchJob, event: dict) -> None:
+    @staticmethod
+    def _envelope(job: WatchJob, seq: int) -> dict:
         sp = job.spec
-        self.d._send(self.d.topics.watch_events(sp.camera, sp.client, sp.job_id), event, qos=1,
+        return dict(job_id=sp.job_id, client=sp.client, camera=sp.camera, seq=seq, ts=round(time.time(), 3))
+
+    def _emit(self, job: WatchJob, event: BaseModel) -> None:
+        sp = job.spec
+        self.publish(self.topics.watch_events(sp.camera, sp.client, sp.job_id), event, qos=1,
                      expiry_s=max(10, int(3 * sp.every_s)))
 
     # --- persistence --------------------------------------------------------------------------------
@@ -351,7 +356,7 @@ class WatchManager:
             if spec.expires_at is not None and spec.expires_at <= now:
                 log.info("watch job %s/%s expired while the daemon was down", spec.client, spec.job_id)
                 continue
-            if spec.camera not in self.d.hub:
+            if spec.camera not in self.hub:
                 log.warning("watch job %s/%s: camera %r is no longer configured; dropped", spec.client,
                             spec.job_id, spec.camera)
                 continue

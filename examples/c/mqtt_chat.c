@@ -5,7 +5,7 @@
  *   cc -O2 -Wall -o mqtt_chat mqtt_chat.c -lmosquitto
  *   ./mqtt_chat -h localhost -p 1883 -d jetson "Where is the red box?"
  *
- * Protocol (edge_sdk/serve/PROTOCOL.md): publish a JSON request on
+ * Protocol (edge_sdk/protocol/PROTOCOL.md): publish a JSON request on
  *   <prefix>/v1/<device>/req/<name>/chat
  * with the MQTT 5 Response Topic <prefix>/v1/clients/<name>/res/<device> and Correlation Data;
  * <name> is the username (or the client id without one). Events arrive on the response topic:

@@ -6,7 +6,7 @@
 #
 # Prints the streamed answer (with jq installed; else the raw JSON events) and exits 0 on a
 # result, 1 on an error reply, 3 if the device is not online or does not answer in time.
-# Protocol: edge_sdk/serve/PROTOCOL.md.
+# Protocol: edge_sdk/protocol/PROTOCOL.md.
 set -eu
 
 HOST=localhost PORT=1883 DEVICE=jetson PREFIX=edge MQTT_USER="" MQTT_PASS="" MAX_TOKENS=128 SEED="" TIMEOUT=60

@@ -1,6 +1,6 @@
-"""The payload contract of the MQTT interface, as pydantic models (one source for validation,
-the SDK's types and the published JSON Schemas). Topic layout and rules: PROTOCOL.md next to
-this file.
+"""The payloads of the MQTT interface as pydantic models: one source for the daemon's validation
+and replies, the SDK's types and the published JSON Schemas. Topic layout and rules: PROTOCOL.md
+beside this file.
 
 Requests are strict: unknown fields and wrong JSON types are refused with a 400 error reply,
 never coerced. Events the daemon sends are described here too (the SDK parses them leniently
@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
-from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edge_sdk.mqtt_common import SCHEMA_VERSION
+from edge_sdk.protocol.topics import SCHEMA_VERSION
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 RequestId = Annotated[str, Field(pattern=ID_PATTERN, description="Caller-chosen id, unique per client name.")]
@@ -45,6 +43,8 @@ ErrorCode = Literal["invalid_json", "invalid_request", "invalid_reply_topic", "g
 
 CAMERA_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+#: The operations of ``R/req/C/<op>``.
+OPS = ("chat", "cancel", "watch", "watch_cancel", "snapshot")
 #: MQTT 5 user property that carries the JSON request of a binary (image) request payload.
 REQUEST_PROPERTY = "request"
 #: ... or just the text prompt to ask about the image.
@@ -391,51 +391,5 @@ class Health(_Event):
         default=None, description="per camera: connected, frames, reconnects, last_error")
 
 
-STATUS_VALUES = ("online", "stopping", "offline")
-
-# --- JSON Schemas -----------------------------------------------------------------------------------
-
-SCHEMA_MODELS: dict[str, type[BaseModel]] = {
-    "chat_request": ChatRequest,
-    "cancel_request": CancelRequest,
-    "watch_request": WatchRequest,
-    "watch_cancel_request": WatchCancelRequest,
-    "snapshot_request": SnapshotRequest,
-    "watch_registered": WatchRegistered,
-    "snapshot": Snapshot,
-    "watch_event": WatchEvent,
-    "watch_error": WatchError,
-    "watch_end": WatchEnd,
-    "accepted": Accepted,
-    "delta": Delta,
-    "result": Result,
-    "error": Error,
-    "capabilities": Capabilities,
-    "health": Health,
-}
-
-
-def json_schemas() -> dict[str, dict]:
-    """name -> JSON Schema (draft 2020-12) of every payload, with the schema version stamped in."""
-    out = {}
-    for name, model in SCHEMA_MODELS.items():
-        s = model.model_json_schema()
-        s["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-        s["$id"] = f"edge_sdk/v1/{name}.json"
-        s["x-schema-version"] = SCHEMA_VERSION
-        out[name] = s
-    return out
-
-
-def write_schemas(out_dir: str | Path) -> list[Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, s in json_schemas().items():
-        p = out_dir / f"{name}.schema.json"
-        p.write_text(json.dumps(s, indent=2, sort_keys=True) + "\n")
-        paths.append(p)
-    return paths
-
-
-SCHEMA_DIR = Path(__file__).with_name("schemas")
+#: What the retained ``R/status`` topic may say; anything else is not believed (the SDK logs it).
+DEVICE_STATUSES = ("online", "stopping", "offline")

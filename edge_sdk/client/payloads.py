@@ -1,0 +1,135 @@
+"""What the SDK sends: the JSON of each request, and images turned into protocol parts (one as
+the MQTT 5 binary payload, several as base64)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import uuid
+from typing import Any, Iterable
+
+from edge_sdk.media.mime import sniff_mime
+from edge_sdk.mqtt_common import dumps
+
+#: MQTT 5 user properties are UTF-8 strings of at most 65,535 bytes: a bigger JSON request falls
+#: back to base64 images in the JSON payload.
+MAX_USER_PROPERTY = 60_000
+
+
+def build_chat_payload(messages: str | Iterable[Any] | None = None, *, prompt: str | list[int] | None = None,
+                       request_id: str | None = None, max_tokens: int | None = None,
+                       temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                       seed: int | None = None, stop: list[str] | None = None, stream: bool = True,
+                       deadline: float | None = None, priority: int | None = None) -> dict:
+    """The JSON of a chat request (only the fields given; the daemon fills the defaults)."""
+    payload: dict[str, Any] = {"v": 1, "request_id": request_id or uuid.uuid4().hex}
+    if messages is not None:
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        payload["messages"] = [m.model_dump(exclude_none=True) if hasattr(m, "model_dump") else dict(m)
+                               for m in messages]
+    if prompt is not None:
+        payload["prompt"] = prompt
+    for k, v in (("max_tokens", max_tokens), ("top_k", top_k), ("seed", seed), ("priority", priority)):
+        if v is not None:
+            payload[k] = v
+    if temperature is not None:
+        payload["temperature"] = float(temperature)
+    if top_p is not None:
+        payload["top_p"] = float(top_p)
+    if stop:
+        payload["stop"] = list(stop)
+    payload["stream"] = bool(stream)
+    if deadline is not None:
+        payload["deadline_ms"] = max(1, int(deadline * 1000))
+    return payload
+
+
+def encode_image_input(image: Any) -> tuple[bytes, str]:
+    """An image for a request -> (encoded bytes, MIME type). Paths and bytes are sent as they are
+    (the device checks them); an HxWx3 uint8 RGB ndarray (as the runtime takes) becomes a JPEG
+    (quality 95), an HxW one a grey JPEG."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+    elif isinstance(image, (str, os.PathLike)):
+        with open(image, "rb") as f:
+            data = f.read()
+    elif type(image).__module__ == "numpy" and hasattr(image, "shape"):
+        import cv2
+        import numpy as np
+
+        arr = np.asarray(image)
+        if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
+            raise ValueError(f"an image array must be HxWx3 (RGB) or HxW uint8, got {arr.shape} {arr.dtype}")
+        ok, buf = cv2.imencode(".jpg", arr[:, :, ::-1] if arr.ndim == 3 else arr, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        if not ok:
+            raise ValueError("cannot encode the image array as JPEG")
+        return buf.tobytes(), "image/jpeg"
+    else:
+        raise TypeError(f"an image must be a path, bytes or a numpy array, not {type(image).__name__}")
+    return data, sniff_mime(data) or "application/octet-stream"
+
+
+def prepare_images(payload: dict, *, binary: bool = True) -> tuple[dict, tuple[bytes, str] | None]:
+    """Turn ``{"type": "image", "image": ...}`` parts of a chat payload into protocol parts. With
+    ``binary`` and exactly one such image (and a JSON request that fits a user property), that image
+    becomes the MQTT 5 payload (``{"type": "image", "payload": true}``); otherwise base64 ``data``."""
+    found: list[tuple[dict, bytes, str]] = []
+    for m in payload.get("messages") or []:
+        content = m.get("content")
+        if not isinstance(content, list):
+            continue
+        m["content"] = content = list(content)  # never modify the caller's messages
+        for i, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") == "image" and "image" in part:
+                data, mime = encode_image_input(part["image"])
+                new = {k: v for k, v in part.items() if k != "image"}
+                content[i] = new
+                found.append((new, data, mime))
+    if not found:
+        return payload, None
+    if binary and len(found) == 1:
+        part, data, mime = found[0]
+        part["payload"] = True
+        if len(dumps(payload)) <= MAX_USER_PROPERTY and mime.startswith("image/"):
+            return payload, (data, mime)
+        del part["payload"]
+    for part, data, mime in found:
+        part["data"] = base64.b64encode(data).decode("ascii")
+        if mime.startswith("image/"):
+            part["mime"] = mime
+    return payload, None
+
+
+def build_watch_payload(camera: str, prompt: str, *, every: float, on_change: bool = False,
+                        change_threshold: float | None = None, max_tokens: int | None = None,
+                        temperature: float | None = None, seed: int | None = None, expires: float | None = None,
+                        persistent: bool = False, system: str | None = None, job_id: str | None = None) -> dict:
+    payload: dict[str, Any] = {"v": 1, "request_id": job_id or f"w{uuid.uuid4().hex[:16]}", "camera": camera,
+                               "prompt": prompt, "every_s": float(every), "on_change": bool(on_change),
+                               "persistent": bool(persistent)}
+    for k, v in (("change_threshold", change_threshold), ("max_tokens", max_tokens), ("seed", seed),
+                 ("system", system)):
+        if v is not None:
+            payload[k] = v
+    if temperature is not None:
+        payload["temperature"] = float(temperature)
+    if expires is not None:
+        payload["expires_s"] = float(expires)
+    return payload
+
+
+
+def build_snapshot_payload(camera: str, max_side: int | None) -> dict:
+    payload: dict[str, Any] = {"v": 1, "request_id": uuid.uuid4().hex, "camera": camera}
+    if max_side is not None:
+        payload["max_side"] = max_side
+    return payload
+
+
+
+def snapshot_bytes(ev: dict) -> bytes:
+    if "bytes" in ev:
+        return ev["bytes"]
+    return base64.b64decode(ev.get("data") or "")
+

@@ -1,0 +1,120 @@
+"""``Client``: the synchronous SDK for one device.
+
+    from edge_sdk import Client
+    with Client(host="localhost", port=1883, device_id="jetson") as c:
+        print(c.chat("Hello!", max_tokens=32, seed=0).text)
+        for delta in c.chat([{"role": "user", "content": "Count to 5"}], stream=True):
+            print(delta.text, end="", flush=True)
+
+A call builds its payload (payloads.py), submits it on the connection (connection.py) and reads
+the events from its queue (streams.py, watch.py).
+"""
+
+from __future__ import annotations
+
+import queue
+from typing import Any, Iterable
+
+from edge_sdk.client.connection import Connection
+from edge_sdk.client.payloads import (build_chat_payload, build_snapshot_payload, build_watch_payload, prepare_images,
+                                      snapshot_bytes)
+from edge_sdk.client.settings import ConnectionSettings
+from edge_sdk.client.streams import ChatResult, ChatStream
+from edge_sdk.client.watch import WatchHandle, register_watch
+from edge_sdk.protocol.models import Capabilities
+
+
+class Client:
+    """A synchronous client for one device. Thread-safe: several threads may chat at once."""
+
+    def __init__(self, host: str = "localhost", port: int = 1883, device_id: str | None = None, **options: Any):
+        """Connect to the broker (``BrokerConnectionError`` if it cannot). ``device_id`` None:
+        discover the one device under ``prefix``. ``options``: the other ``ConnectionSettings``
+        fields (``username``, ``password``, ``prefix``, TLS files, ``timeout``: the default
+        per-request timeout in s, ...)."""
+        self._st = ConnectionSettings(host=host, port=port, device_id=device_id, **options)
+        self._core = Connection(self._st)
+        self._core.connect()
+
+    @property
+    def device_id(self) -> str:
+        return self._core.topics.device_id
+
+    @property
+    def client_id(self) -> str:
+        return self._core.client_id
+
+    @property
+    def status(self) -> str | None:
+        """The device's last known status: 'online', 'stopping', 'offline' or None (unknown)."""
+        return self._core.status
+
+    def wait_status(self, timeout: float = 2.0) -> str | None:
+        """The device's status, waiting up to ``timeout`` s while it is still unknown."""
+        return self._core.wait_status(timeout)
+
+    def capabilities(self, timeout: float = 5.0) -> Capabilities:
+        """The device's retained capabilities (model, modalities, limits, schema version)."""
+        return self._core.capabilities(timeout)
+
+    def chat(self, messages: str | Iterable[Any] | None = None, *, prompt: str | list[int] | None = None,
+             max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+             top_k: int | None = None, seed: int | None = None, stop: list[str] | None = None,
+             stream: bool = False, timeout: float | None = None, deadline: float | None = None,
+             priority: int | None = None, request_id: str | None = None) -> ChatResult | ChatStream:
+        """Run a chat request. ``messages``: a string (one user turn) or [{"role", "content"}].
+        ``stream=False`` returns the ``ChatResult``; ``stream=True`` a ``ChatStream`` of deltas.
+        ``timeout`` (s) bounds the wait here; ``deadline`` (s) makes the device stop generating
+        (finish_reason 'deadline'). Raises BusyError, BadRequestError, DeviceOfflineError,
+        RequestTimeoutError, ServerError."""
+        timeout = self._st.timeout if timeout is None else timeout
+        payload = build_chat_payload(messages, prompt=prompt, request_id=request_id, max_tokens=max_tokens,
+                                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+                                     stream=stream, deadline=deadline, priority=priority)
+        payload, attachment = prepare_images(payload)
+        q: queue.Queue = queue.Queue()
+        p = self._core.submit(payload, q.put, timeout, attachment=attachment)
+        s = ChatStream(self._core, p, q, timeout)
+        return s if stream else s.wait()
+
+    def cancel(self, request_id: str) -> None:
+        """Ask the device to stop a request (harmless if it is unknown or finished)."""
+        self._core.cancel(request_id)
+
+    def snapshot(self, camera: str, *, max_side: int | None = None, timeout: float | None = None) -> bytes:
+        """The newest frame of the device's camera ``camera`` as JPEG bytes (scaled to fit
+        ``max_side``, default the device's snapshot_max_side). Raises UnsupportedMediaError for an
+        unknown camera, CameraUnavailableError when it has no fresh frame."""
+        payload = build_snapshot_payload(camera, max_side)
+        return snapshot_bytes(self._core.request("snapshot", payload, self._st.timeout if timeout is None else timeout))
+
+    def watch(self, camera: str, prompt: str, *, every: float, on_change: bool = False,
+              change_threshold: float | None = None, max_tokens: int | None = None, temperature: float | None = None,
+              seed: int | None = None, expires: float | None = None, persistent: bool = False,
+              system: str | None = None, job_id: str | None = None, timeout: float | None = None,
+              event_timeout: float | None = None) -> WatchHandle:
+        """Ask ``prompt`` about camera ``camera`` every ``every`` seconds (``on_change``: only when
+        the scene changed, at most that often) until cancelled or ``expires`` seconds passed.
+        ``persistent``: the job survives a daemon restart. Returns a ``WatchHandle`` to iterate
+        (``event_timeout``: how long iteration waits for each event; None: forever)."""
+        payload = build_watch_payload(camera, prompt, every=every, on_change=on_change,
+                                      change_threshold=change_threshold, max_tokens=max_tokens,
+                                      temperature=temperature, seed=seed, expires=expires, persistent=persistent,
+                                      system=system, job_id=job_id)
+        h = WatchHandle(self._core, payload, event_timeout)
+        register_watch(self._core, h, payload, self._st.timeout if timeout is None else min(timeout, self._st.timeout))
+        return h
+
+    def cancel_watch(self, job_id: str) -> None:
+        """End a watch job of this client name (e.g. a persistent one from an earlier run)."""
+        self._core.publish_request("watch_cancel", {"v": 1, "job_id": job_id})
+
+    def close(self) -> None:
+        self._core.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+

@@ -1,0 +1,142 @@
+"""Stage 2: an envelope -> a validated request of its op, or one Refusal.
+
+``Admission.check`` is the one place a request is judged: the payload against its protocol
+model (strict: nothing coerced), then this device's limits, models and cameras. Nothing here
+decodes an image or touches the model: it runs on paho's network thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from typing import Any, Callable
+
+from pydantic import BaseModel, ValidationError
+
+from edge_sdk.protocol.models import (JOB_ID_PATTERN, CancelRequest, ChatRequest, SnapshotRequest,
+                                      WatchCancelRequest, WatchRequest)
+from edge_sdk.serve.cameras import CameraHub, check_image_bytes
+from edge_sdk.serve.config import ServeSettings
+from edge_sdk.serve.scheduler import Job
+from edge_sdk.serve.transport import Envelope, Refusal
+
+_JOB_ID_RE = re.compile(JOB_ID_PATTERN)
+
+REQUEST_MODELS: dict[str, type[BaseModel]] = {
+    "chat": ChatRequest,
+    "cancel": CancelRequest,
+    "watch": WatchRequest,
+    "watch_cancel": WatchCancelRequest,
+    "snapshot": SnapshotRequest,
+}
+
+
+class Admission:
+    def __init__(self, settings: ServeSettings, model_info: dict, hub: CameraHub):
+        self.s = settings
+        self.info = model_info
+        self.hub = hub
+
+    def check(self, env: Envelope) -> Any:
+        """The request model of ``env.op``, checked against this device; raises Refusal. Sets
+        ``env.reply.request_id`` to the id the events will carry."""
+        try:
+            req = REQUEST_MODELS[env.op].model_validate(env.data)
+        except ValidationError as e:
+            raise Refusal("invalid_request", _summarize(e), details=_details(e)) from None
+        check = getattr(self, f"_check_{env.op}", None)
+        if check is not None:
+            check(env, req)
+        return req
+
+    def chat_job(self, env: Envelope, req: ChatRequest, send: Callable[[BaseModel], None]) -> Job:
+        """The job of an admitted chat request."""
+        now = time.monotonic()
+        deadline_ms = req.deadline_ms or self.s.max_deadline_ms
+        return Job(env.client, env.reply.request_id, req, send, now, now + deadline_ms / 1000 if deadline_ms else None,
+                   req.priority, reply=env.reply, attachment=env.attachment)
+
+    # --- per op -------------------------------------------------------------------------------
+
+    def _check_chat(self, env: Envelope, req: ChatRequest) -> None:
+        rid = req.request_id or env.reply.request_id
+        if rid is None:
+            raise Refusal("invalid_request", "request_id missing: put it in the payload or in the MQTT 5 Correlation Data")
+        env.reply.request_id = rid
+        s = self.s
+        self._check_max_tokens(req.max_tokens)
+        if req.messages is not None and len(req.messages) > s.max_messages:
+            raise Refusal("invalid_request", f"{len(req.messages)} messages exceed the limit {s.max_messages}")
+        parts = [p for m in (req.messages or []) if not isinstance(m.content, str)
+                 for p in m.content if p.type == "image"]
+        if parts:
+            self._check_takes_images()
+        self._check_images(parts, env.attachment)
+
+    def _check_watch(self, env: Envelope, req: WatchRequest) -> None:
+        job_id = req.request_id or env.reply.request_id
+        if job_id is None or not _JOB_ID_RE.match(job_id):
+            raise Refusal("invalid_request", f"watch job id {job_id!r} (request_id or Correlation Data) "
+                                             f"must match {JOB_ID_PATTERN}: it is a topic level")
+        env.reply.request_id = job_id
+        s = self.s
+        self._check_camera(req.camera)
+        self._check_takes_images()
+        if req.every_s < s.watch_min_every_s:
+            raise Refusal("invalid_request", f"every_s {req.every_s} is below this device's minimum "
+                                             f"watch_min_every_s ({s.watch_min_every_s})")
+        self._check_max_tokens(req.max_tokens)
+        if req.persistent and s.watch_store is None:
+            raise Refusal("invalid_request", "persistent watch jobs are off on this device (no watch_store set)")
+
+    def _check_snapshot(self, env: Envelope, req: SnapshotRequest) -> None:
+        env.reply.request_id = req.request_id or env.reply.request_id
+        self._check_camera(req.camera)
+
+    # --- shared rules -------------------------------------------------------------------------
+
+    def _check_max_tokens(self, max_tokens: int | None) -> None:
+        if max_tokens is not None and max_tokens > self.s.max_tokens:
+            raise Refusal("invalid_request", f"max_tokens {max_tokens} exceeds this device's limit {self.s.max_tokens}")
+
+    def _check_takes_images(self) -> None:
+        if "image" not in self.info["modalities"]:
+            raise Refusal("unsupported_media",
+                          f"model {self.info['name']} takes no images (modalities: {self.info['modalities']})")
+
+    def _check_camera(self, camera: str) -> None:
+        if camera not in self.hub:
+            raise Refusal("unsupported_media", f"no camera {camera!r} on this device "
+                                               f"(cameras: {', '.join(self.hub.names) or 'none'})")
+
+    def _check_images(self, parts: list, attachment: bytes | None) -> None:
+        """Cheap checks of every image part (size, magic bytes, JPEG end marker; no decoding).
+        ImageRejected is a Refusal."""
+        uses_payload = any(p.payload for p in parts)
+        if attachment is not None and not uses_payload:
+            raise Refusal("invalid_request", "the request has a binary image payload but no image part "
+                                             "with \"payload\": true")
+        if attachment is None and uses_payload:
+            raise Refusal("invalid_request", "an image part has \"payload\": true but the request's payload "
+                                             "is not an image (MQTT 5 content type image/*)")
+        if attachment is not None:
+            check_image_bytes(attachment, self.s.max_image_bytes)
+        for p in parts:
+            if p.camera is not None:
+                self._check_camera(p.camera)
+            if p.data is not None:
+                check_image_bytes(base64.b64decode(p.data), self.s.max_image_bytes)
+
+
+def _summarize(e: ValidationError) -> str:
+    errs = e.errors()
+    first = errs[0]
+    loc = ".".join(str(x) for x in first["loc"]) or "(payload)"
+    more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
+    return f"invalid request: {loc}: {first['msg']}{more}"
+
+
+def _details(e: ValidationError) -> list[dict]:
+    return [{"loc": ".".join(str(x) for x in err["loc"]), "msg": err["msg"], "type": err["type"]}
+            for err in e.errors()[:10]]
