@@ -89,9 +89,11 @@ def build(checkpoint: str | Path, recipe: QuantRecipe, device: str = "cpu", out:
         model_name=ckpt_dir.resolve().name, model=cfg, quant=recipe.model_dump(), device=profile.name,
         context_length=context_length, graphs=graphs, tokenizer="tekken.json",
         extra={"quant_report": [asdict(r) for r in quantized.report]})
-    manifest = write_manifest(out_dir, manifest)
     if profile.backend == "tensorrt":
-        from .runtime.tensorrt import compile_package
+        from .compile import compile_engines
 
-        compile_package(out_dir, profile, strict=False)
+        compiled = compile_engines(out_dir, manifest, profile, strict=False)
+        if compiled is not None:
+            manifest = manifest.model_copy(update=compiled)
+    write_manifest(out_dir, manifest)  # last: a package without a manifest is an unfinished one
     return out_dir

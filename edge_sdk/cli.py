@@ -104,7 +104,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from .runtime.tensorrt import compile_package
+    from .compile import compile_package
 
     engines = compile_package(args.engine, args.device, strict=True, max_prefill=args.max_prefill)
     print(f"{args.engine}: compiled {', '.join(sorted(engines))}")
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     from .devices import DeviceError
     from .models.config import CheckpointError
     from .package import PackageError
-    from .runtime.backend import BackendUnavailable
+    from .runtime.types import BackendUnavailable
     from .runtime.types import GenerationError
 
     args = build_parser().parse_args(argv)

@@ -5,7 +5,8 @@ the tokenizer, and a sha256 of every file.
 engines/<name>/
   manifest.json        Manifest (below); written last, by write_manifest
   decoder.onnx(.data)  embed.onnx  vision.onnx ...
-  decoder.plan ...     TensorRT engines for the package's device profile (may be absent)
+  trt/<role>.plan      TensorRT engines for the package's device profile, built on the device by
+                       `edge-sdk compile` (absent until then)
   tekken.json
 ```
 

@@ -14,9 +14,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edge_sdk import compile as trt_compile
 from edge_sdk.runtime import gpu_probe
 from edge_sdk.runtime import tensorrt as trt_backend
-from edge_sdk.runtime.backend import BackendUnavailable
+from edge_sdk.runtime.types import BackendUnavailable
 from edge_sdk.runtime.gpu_probe import GpuStatus, probe_gpu
 
 UNAVAILABLE = GpuStatus(False, "no NVIDIA GPU driver: test says so")
@@ -30,7 +31,7 @@ def fresh_probe(monkeypatch):
 
 
 def test_importing_the_backend_imports_neither_tensorrt_nor_pycuda():
-    code = ("import sys, edge_sdk.runtime.tensorrt, edge_sdk.runtime.gpu_probe\n"
+    code = ("import sys, edge_sdk.runtime.tensorrt, edge_sdk.runtime.gpu_probe, edge_sdk.compile\n"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'tensorrt_lean', 'pycuda')]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -167,12 +168,12 @@ def write_decoder_like(path, with_external=True):
 
 def test_profile_shapes_from_dim_names(tmp_path):
     write_decoder_like(tmp_path / "d.onnx")
-    shapes = trt_backend.profile_shapes(tmp_path / "d.onnx", trt_backend.decoder_dims(4096, max_prefill=256))
+    shapes = trt_compile.profile_shapes(tmp_path / "d.onnx", trt_compile.decoder_dims(4096, max_prefill=256))
     assert shapes["inputs_embeds"] == ((1, 1, 8), (1, 1, 8), (1, 256, 8))
     assert shapes["past_key.0"] == ((1, 2, 0, 4), (1, 2, 2048, 4), (1, 2, 4096, 4))
     assert shapes["input_ids"] == ((1, 1), (1, 1), (1, 256))
-    with pytest.raises(trt_backend.BuildError, match="'past_key.0' axis 2 is dynamic \\('past_seq'\\)"):
-        trt_backend.profile_shapes(tmp_path / "d.onnx", {"batch": (1, 1, 1), "seq": (1, 1, 8)})
+    with pytest.raises(trt_compile.BuildError, match="'past_key.0' axis 2 is dynamic \\('past_seq'\\)"):
+        trt_compile.profile_shapes(tmp_path / "d.onnx", {"batch": (1, 1, 1), "seq": (1, 1, 8)})
 
 
 @pytest.mark.parametrize("external", [True, False])
@@ -194,7 +195,7 @@ def test_embedding_table_from_the_real_exporter(tmp_path):
 
 
 def test_backend_raises_backend_unavailable_with_probe_reason(monkeypatch, tmp_path):
-    monkeypatch.setattr(trt_backend, "probe_gpu", lambda refresh=False: UNAVAILABLE)
+    monkeypatch.setattr(gpu_probe, "_cached", UNAVAILABLE)
     with pytest.raises(BackendUnavailable) as exc:
         trt_backend.TensorRTDecoder(tmp_path, manifest=None)
     assert str(exc.value) == "TensorRT backend unavailable: no NVIDIA GPU driver: test says so"
@@ -202,7 +203,7 @@ def test_backend_raises_backend_unavailable_with_probe_reason(monkeypatch, tmp_p
         trt_backend.TensorRTDecoder.from_plans(tmp_path / "decoder.plan")
     write_decoder_like(tmp_path / "d.onnx")
     with pytest.raises(BackendUnavailable, match="test says so"):
-        trt_backend.build_engine(tmp_path / "d.onnx", tmp_path / "d.plan", "orin-nano-8gb")
+        trt_compile.build_engine(tmp_path / "d.onnx", tmp_path / "d.plan", "orin-nano-8gb")
     assert not any(m.split(".")[0] in ("tensorrt", "pycuda") for m in sys.modules if sys.modules[m] is not None)
 
 
@@ -220,16 +221,16 @@ def test_build_engine_refuses_fp8_on_orin_before_touching_the_gpu(tmp_path):
 
     write_decoder_like(tmp_path / "d.onnx")
     with pytest.raises(DeviceError, match=r"orin-nx-16gb \(sm_87\) has no FP8 support"):
-        trt_backend.build_engine(tmp_path / "d.onnx", tmp_path / "d.plan", "orin-nx-16gb", fp8=True)
+        trt_compile.build_engine(tmp_path / "d.onnx", tmp_path / "d.plan", "orin-nx-16gb", fp8=True)
     with pytest.raises(DeviceError, match="cpu runs onnxruntime"):
-        trt_backend.build_engine(tmp_path / "d.onnx", tmp_path / "d.plan", "cpu")
+        trt_compile.build_engine(tmp_path / "d.onnx", tmp_path / "d.plan", "cpu")
 
 
 def test_compile_package_without_gpu(monkeypatch, tmp_path, caplog):
     from edge_sdk.models.config import ModelConfig, TextConfig
     from edge_sdk.package import Manifest, graph_entry, load_manifest, write_manifest
 
-    monkeypatch.setattr(trt_backend, "probe_gpu", lambda refresh=False: UNAVAILABLE)
+    monkeypatch.setattr(gpu_probe, "_cached", UNAVAILABLE)
     write_decoder_like(tmp_path / "decoder.onnx")
     text = TextConfig(hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=4,
                       vocab_size=5)
@@ -237,8 +238,8 @@ def test_compile_package_without_gpu(monkeypatch, tmp_path, caplog):
                                                                         text=text),
                                       device="orin-nano-8gb", context_length=64,
                                       graphs={"decoder": graph_entry(tmp_path, "decoder.onnx")}))
-    assert trt_backend.compile_package(tmp_path) == {}
+    assert trt_compile.compile_package(tmp_path) == {}
     assert "TensorRT engines not built (no NVIDIA GPU driver: test says so)" in caplog.text
     assert load_manifest(tmp_path).engines == {}
     with pytest.raises(BackendUnavailable, match="cannot compile TensorRT engines: no NVIDIA GPU driver"):
-        trt_backend.compile_package(tmp_path, strict=True)
+        trt_compile.compile_package(tmp_path, strict=True)

@@ -4,16 +4,27 @@ the MQTT 5 binary payload, several as base64)."""
 from __future__ import annotations
 
 import base64
+import binascii
 import os
 import uuid
 from typing import Any, Iterable
 
+from edge_sdk.client.errors import ProtocolError
 from edge_sdk.media.mime import sniff_mime
 from edge_sdk.mqtt_common import dumps
 
 #: MQTT 5 user properties are UTF-8 strings of at most 65,535 bytes: a bigger JSON request falls
 #: back to base64 images in the JSON payload.
 MAX_USER_PROPERTY = 60_000
+
+
+def _set_given(payload: dict, **fields: Any) -> None:
+    """Only the fields given go on the wire: the daemon fills in its own defaults."""
+    payload.update({k: v for k, v in fields.items() if v is not None})
+
+
+def _float(x: float | None) -> float | None:
+    return None if x is None else float(x)
 
 
 def build_chat_payload(messages: str | Iterable[Any] | None = None, *, prompt: str | list[int] | None = None,
@@ -30,13 +41,8 @@ def build_chat_payload(messages: str | Iterable[Any] | None = None, *, prompt: s
                                for m in messages]
     if prompt is not None:
         payload["prompt"] = prompt
-    for k, v in (("max_tokens", max_tokens), ("top_k", top_k), ("seed", seed), ("priority", priority)):
-        if v is not None:
-            payload[k] = v
-    if temperature is not None:
-        payload["temperature"] = float(temperature)
-    if top_p is not None:
-        payload["top_p"] = float(top_p)
+    _set_given(payload, max_tokens=max_tokens, top_k=top_k, seed=seed, priority=priority,
+               temperature=_float(temperature), top_p=_float(top_p))
     if stop:
         payload["stop"] = list(stop)
     payload["stream"] = bool(stream)
@@ -108,14 +114,8 @@ def build_watch_payload(camera: str, prompt: str, *, every: float, on_change: bo
     payload: dict[str, Any] = {"v": 1, "request_id": job_id or f"w{uuid.uuid4().hex[:16]}", "camera": camera,
                                "prompt": prompt, "every_s": float(every), "on_change": bool(on_change),
                                "persistent": bool(persistent)}
-    for k, v in (("change_threshold", change_threshold), ("max_tokens", max_tokens), ("seed", seed),
-                 ("system", system)):
-        if v is not None:
-            payload[k] = v
-    if temperature is not None:
-        payload["temperature"] = float(temperature)
-    if expires is not None:
-        payload["expires_s"] = float(expires)
+    _set_given(payload, change_threshold=change_threshold, max_tokens=max_tokens, seed=seed, system=system,
+               temperature=_float(temperature), expires_s=_float(expires))
     return payload
 
 
@@ -129,7 +129,13 @@ def build_snapshot_payload(camera: str, max_side: int | None) -> dict:
 
 
 def snapshot_bytes(ev: dict) -> bytes:
+    """The JPEG of a snapshot reply: the binary payload, or the base64 ``data`` of a JSON one."""
     if "bytes" in ev:
         return ev["bytes"]
-    return base64.b64decode(ev.get("data") or "")
+    data = ev.get("data")
+    try:
+        return base64.b64decode(data if isinstance(data, str) else "", validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError("the device sent a snapshot whose data is not base64", request_id=ev.get("request_id"),
+                            code="protocol_error", event=ev) from None
 

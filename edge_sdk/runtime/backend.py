@@ -11,9 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-
-class BackendUnavailable(RuntimeError):
-    """The requested backend cannot run on this host; the message says what is missing."""
+from .types import BackendUnavailable
 
 
 class DecoderBackend(Protocol):

@@ -19,6 +19,9 @@ import importlib.util
 import os
 import threading
 from dataclasses import dataclass
+from typing import Any
+
+from edge_sdk.runtime.types import BackendUnavailable
 
 _DEVICE_NODE_PATTERNS = ("/dev/nvidia[0-9]*", "/dev/nvidiactl", "/dev/nvhost-*", "/dev/nvgpu*", "/dev/nvmap")
 _LIBCUDA_NAMES = ("libcuda.so.1", "libcuda.so")
@@ -140,3 +143,48 @@ def probe_gpu(refresh: bool = False) -> GpuStatus:
             except Exception as exc:  # noqa: BLE001 - the probe must never take the caller down
                 _cached = GpuStatus(False, f"GPU probe failed: {type(exc).__name__}: {exc}")
         return _cached
+
+
+# -- importing TensorRT and pycuda, only once the probe has seen a driver ---------------------------
+
+def require_gpu() -> GpuStatus:
+    status = probe_gpu()
+    if not status.available:
+        raise BackendUnavailable(f"TensorRT backend unavailable: {status.reason}")
+    return status
+
+
+def import_tensorrt():
+    require_gpu()
+    import tensorrt as trt  # noqa: PLC0415 - only after the probe saw a driver
+
+    return trt
+
+
+def import_pycuda():
+    """pycuda with the device's *primary* context (the one TensorRT's CUDA runtime uses)."""
+    require_gpu()
+    import pycuda.autoprimaryctx as primary  # noqa: PLC0415 - retains + pushes the primary context
+    import pycuda.driver as cuda  # noqa: PLC0415
+
+    return cuda, primary.context
+
+
+_LOGGERS: dict[int, Any] = {}
+
+
+def trt_logger(trt, verbose: bool = False):
+    severity = trt.Logger.VERBOSE if verbose else trt.Logger.WARNING
+    key = int(severity)
+    if key not in _LOGGERS:  # TensorRT wants one logger per process; keep them alive
+        _LOGGERS[key] = trt.Logger(severity)
+    return _LOGGERS[key]
+
+
+def version_tuple(v: str) -> tuple[int, ...]:
+    """'10.3.0.30' -> (10, 3, 0): TensorRT versions compared by their numbers."""
+    out = []
+    for part in v.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)

@@ -1,4 +1,5 @@
-"""TensorRT backend: compile ONNX graphs into engines, and run the decoder with its KV cache on the GPU.
+"""TensorRT backend: run the decoder (and the vision encoder) from compiled plans, KV cache on the GPU.
+Building the plans is edge_sdk/compile.py.
 
 Written against the TensorRT 10.x Python API (10.3 on JetPack 6, 10.13+ on JetPack 7) and pycuda.
 Importing this module imports neither: both are imported inside functions, after
@@ -12,9 +13,6 @@ leaves the GPU between steps, but the cache costs 2x the KV size the memory esti
 (a [1, kv, past, hd] tensor cannot be a view into a [1, kv, max, hd] buffer: TensorRT I/O is
 linear, so in-place append would need a KV-cache plugin or a graph that writes by position).
 
-Dynamic dimensions are keyed by the ONNX dim_param names the exporter writes:
-`batch`, `seq` and `past_seq` for the decoder (see docs/ARCHITECTURE.md); `decoder_dims()` builds
-the usual ranges, other graphs (embed, vision) pass their own.
 """
 
 from __future__ import annotations
@@ -30,306 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_sdk.runtime.backend import BackendUnavailable  # noqa: F401 - re-exported: one class for all backends
-from edge_sdk.runtime.gpu_probe import GpuStatus, probe_gpu
-from edge_sdk.runtime.types import ContextOverflowError, GenerationError
+from edge_sdk.runtime.gpu_probe import GpuStatus, import_pycuda, import_tensorrt, require_gpu, trt_logger, version_tuple
+from edge_sdk.runtime.types import BackendUnavailable, ContextOverflowError, GenerationError
 
 if TYPE_CHECKING:
     from edge_sdk.devices import DeviceProfile
     from edge_sdk.package import Manifest
 
 log = logging.getLogger(__name__)
-
-DimRange = tuple[int, int, int]  # (min, opt, max)
-
-
-class BuildError(RuntimeError):
-    """TensorRT could not parse or build a graph; the message carries the parser/builder errors."""
-
-
-def gpu_status() -> GpuStatus:
-    return probe_gpu()
-
-
-def _require_gpu() -> GpuStatus:
-    status = probe_gpu()
-    if not status.available:
-        raise BackendUnavailable(f"TensorRT backend unavailable: {status.reason}")
-    return status
-
-
-def _import_trt():
-    _require_gpu()
-    import tensorrt as trt  # noqa: PLC0415 - only after the probe saw a driver
-
-    return trt
-
-
-def _import_cuda():
-    """pycuda with the device's *primary* context (the one TensorRT's CUDA runtime uses)."""
-    _require_gpu()
-    import pycuda.autoprimaryctx as primary  # noqa: PLC0415 - retains + pushes the primary context
-    import pycuda.driver as cuda  # noqa: PLC0415
-
-    return cuda, primary.context
-
-
-_LOGGERS: dict[int, Any] = {}
-
-
-def _logger(trt, verbose: bool = False):
-    severity = trt.Logger.VERBOSE if verbose else trt.Logger.WARNING
-    key = int(severity)
-    if key not in _LOGGERS:  # TensorRT wants one logger per process; keep them alive
-        _LOGGERS[key] = trt.Logger(severity)
-    return _LOGGERS[key]
-
-
-# -- build ---------------------------------------------------------------------------------------
-
-def decoder_dims(max_context: int, max_prefill: int = 512, opt_seq: int = 1,
-                 opt_past: int | None = None) -> dict[str, DimRange]:
-    """Optimization-profile ranges for decoder.onnx: batch 1, seq 1..max_prefill, past 0..max_context.
-
-    `opt_seq` = 1 tunes kernels for decode steps, which dominate generation time; prompts longer than
-    `max_prefill` are fed in chunks by `TensorRTDecoder.forward`.
-    """
-    max_prefill = min(max_prefill, max_context)
-    opt_past = max_context // 2 if opt_past is None else opt_past
-    return {"batch": (1, 1, 1), "seq": (1, min(opt_seq, max_prefill), max_prefill),
-            "past_seq": (0, min(opt_past, max_context), max_context)}
-
-
-def profile_shapes(onnx_path: str | Path, dims: dict[str, DimRange]) -> dict[str, tuple[tuple, tuple, tuple]]:
-    """min/opt/max shapes for every input of `onnx_path` with a dynamic dimension.
-
-    Reads the graph without its weights; a dynamic dimension whose name is not in `dims` is an error.
-    """
-    from edge_sdk.package import graph_io  # noqa: PLC0415
-
-    inputs, _ = graph_io(onnx_path)
-    shapes = {}
-    for spec in inputs:
-        if all(isinstance(d, int) for d in spec.shape):
-            continue
-        lo, opt, hi = [], [], []
-        for axis, d in enumerate(spec.shape):
-            if isinstance(d, int):
-                r = (d, d, d)
-            elif d in dims:
-                r = dims[d]
-            else:
-                raise BuildError(f"{onnx_path}: input {spec.name!r} axis {axis} is dynamic ({d!r}) but no range "
-                                 f"was given for it (ranges given: {', '.join(dims) or 'none'})")
-            lo.append(r[0])
-            opt.append(r[1])
-            hi.append(r[2])
-        shapes[spec.name] = (tuple(lo), tuple(opt), tuple(hi))
-    return shapes
-
-
-def _progress_monitor(trt, cancel: threading.Event | None):
-    """A trt.IProgressMonitor that logs top-level phases (TensorRT >= 10.0), or None."""
-    if not hasattr(trt, "IProgressMonitor"):
-        return None
-
-    class _Monitor(trt.IProgressMonitor):
-        def __init__(self):
-            trt.IProgressMonitor.__init__(self)
-            self._lock = threading.Lock()
-            self._start: dict[str, float] = {}
-            self._steps: dict[str, int] = {}
-
-        def phase_start(self, phase_name, parent_phase, num_steps):
-            with self._lock:
-                self._start[phase_name] = time.monotonic()
-                self._steps[phase_name] = num_steps
-            if parent_phase is None:
-                log.info("TensorRT: %s (%d steps)", phase_name, num_steps)
-
-        def step_complete(self, phase_name, step):
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("TensorRT: %s %d/%d", phase_name, step + 1, self._steps.get(phase_name, 0))
-            return not (cancel is not None and cancel.is_set())  # False cancels the build
-
-        def phase_finish(self, phase_name):
-            with self._lock:
-                t0 = self._start.pop(phase_name, None)
-            if t0 is not None:
-                log.debug("TensorRT: %s done in %.1f s", phase_name, time.monotonic() - t0)
-
-    return _Monitor()
-
-
-def build_engine(onnx_path: str | Path, plan_path: str | Path, profile: DeviceProfile | str | None = None, *,
-                 dims: dict[str, DimRange] | None = None, max_context: int | None = None, max_prefill: int = 512,
-                 fp16: bool = True, bf16: bool = False, int4: bool = False, fp8: bool = False,
-                 strongly_typed: bool = False, workspace_gb: float | None = None,
-                 timing_cache: str | Path | None = None, cancel: threading.Event | None = None,
-                 verbose: bool = False) -> Path:
-    """Compile `onnx_path` into a TensorRT plan at `plan_path`; returns the plan path.
-
-    - `dims`: dim_param -> (min, opt, max) for the graph's dynamic dims; default `decoder_dims()` with
-      `max_context` (else the device profile's max_context) and `max_prefill`.
-    - `fp16`/`bf16`/`fp8`/`int4` set the matching BuilderFlag (weakly typed networks); FP8 and INT4
-      only take effect where the graph carries Q/DQ nodes. With `strongly_typed` the graph's own types
-      decide and no precision flag is set.
-    - `timing_cache`: file read before and written after the build (speeds up rebuilds).
-    - `cancel`: set it from another thread to stop the build (via the progress monitor).
-    """
-    from edge_sdk.devices import DeviceError, load_profile  # noqa: PLC0415
-
-    onnx_path, plan_path = Path(onnx_path), Path(plan_path)
-    dev = load_profile(profile) if isinstance(profile, (str, Path)) else profile
-    if dev is not None:
-        if dev.backend != "tensorrt":
-            raise DeviceError(f"{dev.name} runs {dev.backend}, not TensorRT: no engine to build")
-        for flag, precision in ((fp8, "fp8"), (int4, "int4"), (bf16, "bf16")):
-            if flag and not dev.supports(precision):
-                raise DeviceError(f"{dev.target} has no {precision.upper()} support in TensorRT; "
-                                  f"supported: {', '.join(dev.precisions)}")
-    if not onnx_path.is_file():
-        raise BuildError(f"{onnx_path}: ONNX graph not found")
-    if dims is None:
-        ctx = max_context or (dev.max_context if dev is not None else None)
-        if ctx is None:
-            raise BuildError("build_engine needs dims=, max_context= or a device profile")
-        dims = decoder_dims(ctx, max_prefill)
-    shapes = profile_shapes(onnx_path, dims)
-
-    trt = _import_trt()
-    _check_trt_version(trt, dev)
-    logger = _logger(trt, verbose)
-    builder = trt.Builder(logger)
-    flags = (1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)) if strongly_typed else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # from a file, so external .data resolves
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise BuildError(f"{onnx_path}: TensorRT ONNX parser failed: {errors or 'no details'}")
-
-    config = builder.create_builder_config()
-    if workspace_gb is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if not strongly_typed:
-        for wanted, name in ((fp16, "FP16"), (bf16, "BF16"), (fp8, "FP8"), (int4, "INT4")):
-            if not wanted:
-                continue
-            flag = getattr(trt.BuilderFlag, name, None)
-            if flag is None:
-                raise BuildError(f"TensorRT {trt.__version__} has no BuilderFlag.{name}")
-            config.set_flag(flag)
-
-    opt_profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        if tensor.name in shapes:
-            lo, opt, hi = shapes[tensor.name]
-            opt_profile.set_shape(tensor.name, lo, opt, hi)
-        elif any(d < 0 for d in tensor.shape):
-            raise BuildError(f"{onnx_path}: input {tensor.name!r} has dynamic shape {tuple(tensor.shape)} "
-                             "that the ONNX graph does not name")
-    config.add_optimization_profile(opt_profile)
-
-    cache_path = Path(timing_cache) if timing_cache else None
-    blob = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
-    cache = config.create_timing_cache(blob)
-    config.set_timing_cache(cache, ignore_mismatch=False)
-
-    monitor = _progress_monitor(trt, cancel)
-    if monitor is not None:
-        config.progress_monitor = monitor  # keep `monitor` referenced until the build returns
-
-    t0 = time.monotonic()
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        why = "cancelled" if cancel is not None and cancel.is_set() else "see the TensorRT log above"
-        raise BuildError(f"{onnx_path}: TensorRT engine build failed ({why})")
-    log.info("built %s in %.0f s (%.1f MB)", plan_path.name, time.monotonic() - t0, serialized.nbytes / 1e6)
-
-    plan_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(plan_path, serialized)
-    if cache_path is not None:
-        _atomic_write(cache_path, config.get_timing_cache().serialize())
-    return plan_path
-
-
-def _atomic_write(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)  # IHostMemory supports the buffer protocol
-    os.replace(tmp, path)
-
-
-def _version_tuple(v: str) -> tuple[int, ...]:
-    out = []
-    for part in v.split(".")[:3]:
-        digits = "".join(ch for ch in part if ch.isdigit())
-        out.append(int(digits) if digits else 0)
-    return tuple(out)
-
-
-def _check_trt_version(trt, dev: DeviceProfile | None) -> None:
-    if dev is not None and dev.tensorrt_version and \
-            _version_tuple(trt.__version__) < _version_tuple(dev.tensorrt_version):
-        log.warning("TensorRT %s is older than %s expected for %s (JetPack %s)", trt.__version__,
-                    dev.tensorrt_version, dev.name, dev.jetpack)
-
-
-def compile_package(pkg_dir: str | Path, profile: DeviceProfile | str | None = None, *, strict: bool = False,
-                    max_prefill: int = 512, workspace_gb: float | None = None,
-                    timing_cache: str | Path | None = None, roles: tuple[str, ...] = ("decoder", "vision")
-                    ) -> dict[str, str]:
-    """Compile a package's ONNX graphs into `trt/<role>.plan` and record them in its manifest.
-
-    Without a usable GPU: `strict` raises BackendUnavailable, otherwise logs why and returns {}
-    (the package still runs on ONNX Runtime). The embed graph is not compiled by default: the
-    TensorRT backend gathers embeddings on the host from embed.onnx's memory-mapped table.
-    Graphs are built strongly typed: the exported graphs already carry their compute dtype, fp32
-    islands (RMSNorm variance, softmax) and Q/DQ types, which TensorRT then keeps.
-    """
-    from edge_sdk.devices import load_profile  # noqa: PLC0415
-    from edge_sdk.package import load_manifest, write_manifest  # noqa: PLC0415
-
-    pkg_dir = Path(pkg_dir)
-    manifest = load_manifest(pkg_dir, verify=False)
-    profile = manifest.device if profile is None else profile
-    dev = load_profile(profile) if isinstance(profile, (str, Path)) else profile
-    status = probe_gpu()
-    if not status.available:
-        if strict:
-            raise BackendUnavailable(f"cannot compile TensorRT engines: {status.reason}")
-        log.warning("TensorRT engines not built (%s); the package runs on ONNX Runtime until "
-                    "`edge-sdk build` is run on the %s", status.reason, dev.name)
-        return {}
-    if dev.sm is not None and status.sm is not None and dev.sm != status.sm:
-        msg = f"this GPU ({status.device_name}) is sm_{status.sm} but the package targets {dev.target}"
-        if strict:
-            raise BackendUnavailable(msg)
-        log.warning("TensorRT engines not built: %s", msg)
-        return {}
-    unit = 28
-    if "vision" in manifest.graphs and manifest.model.vision is not None:
-        v = manifest.model.vision
-        unit = v.patch_size * v.spatial_merge_size
-    side = -(-dev.max_image_size // unit) * unit
-    ctx = manifest.context_length
-    dims = {"decoder": decoder_dims(ctx, max_prefill),
-            "embed": {"batch": (1, 1, 1), "seq": (1, min(max_prefill, ctx), ctx)},
-            "vision": {"height": (unit, side, side), "width": (unit, side, side)}}
-    engines = dict(manifest.engines)
-    for role in roles:
-        if role not in manifest.graphs:
-            continue
-        plan = f"trt/{role}.plan"
-        build_engine(pkg_dir / manifest.graphs[role].file, pkg_dir / plan, dev, dims=dims[role],
-                     strongly_typed=True, workspace_gb=workspace_gb, timing_cache=timing_cache)
-        engines[role] = plan
-    extra = dict(manifest.extra, tensorrt_version=status.tensorrt_version, sm=status.sm,
-                 gpu=status.device_name)
-    write_manifest(pkg_dir, manifest.model_copy(update={"engines": engines, "extra": extra}))
-    return engines
-
 
 def load_embedding_table(onnx_path: str | Path) -> np.ndarray:
     """The Gather table of embed.onnx as a read-only array, memory-mapped from its external data.
@@ -355,8 +61,6 @@ def load_embedding_table(onnx_path: str | Path) -> np.ndarray:
                      offset=int(info.get("offset", 0)), shape=shape)
 
 
-# -- runtime -------------------------------------------------------------------------------------
-
 class _Engine:
     """A deserialized plan, one execution context, and its I/O tensor facts."""
 
@@ -365,7 +69,7 @@ class _Engine:
             raise BackendUnavailable(f"{plan_path}: TensorRT plan not found")
         self.trt = trt
         self.path = plan_path
-        self.runtime = trt.Runtime(_logger(trt))
+        self.runtime = trt.Runtime(trt_logger(trt))
         self.engine = self.runtime.deserialize_cuda_engine(plan_path.read_bytes())
         if self.engine is None:
             raise BackendUnavailable(f"{plan_path}: TensorRT cannot load this plan (built with another TensorRT "
@@ -512,7 +216,7 @@ class TensorRTDecoder:
                  max_context: int | None = None, **options):
         from edge_sdk.package import load_manifest  # noqa: PLC0415
 
-        status = _require_gpu()  # raises BackendUnavailable with the probe's reason
+        status = require_gpu()  # raises BackendUnavailable with the probe's reason
         pkg = Path(package_dir)
         manifest = manifest or load_manifest(pkg, verify=False)
         if options:
@@ -542,9 +246,9 @@ class TensorRTDecoder:
 
     def _open(self, decoder_plan: Path, embed_plan: Path | None, vision_plan: Path | None,
               embed_table: np.ndarray | None, max_context: int | None) -> None:
-        self.status = _require_gpu()
-        trt = _import_trt()
-        self._cuda, self._cu_ctx = _import_cuda()
+        self.status = require_gpu()
+        trt = import_tensorrt()
+        self._cuda, self._cu_ctx = import_pycuda()
         self._lock = threading.RLock()
         with self._active():
             self._stream = self._cuda.Stream()
@@ -701,6 +405,6 @@ def _check_package_target(pkg_dir: Path, manifest: Manifest, status: GpuStatus) 
                                  f"({status.device_name}) is sm_{status.sm}; rebuild the package for this device")
     built_with = manifest.extra.get("tensorrt_version")
     if built_with and status.tensorrt_version and \
-            _version_tuple(built_with)[:2] != _version_tuple(status.tensorrt_version)[:2]:
+            version_tuple(built_with)[:2] != version_tuple(status.tensorrt_version)[:2]:
         raise BackendUnavailable(f"{pkg_dir}: engines were built with TensorRT {built_with} but this host has "
                                  f"{status.tensorrt_version}; rebuild the engines here")

@@ -5,10 +5,14 @@ The daemon, the SDK and the CLI all speak in these types, so they live apart fro
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 FinishReason = Literal["stop", "length", "cancelled", "deadline"]
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run on this host; the message says what is missing."""
 
 
 class GenerationError(RuntimeError):
@@ -61,7 +65,6 @@ class GenerationResult:
     completion_tokens: int
     time_to_first_token_s: float | None = None
     total_time_s: float = 0.0
-    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
