@@ -120,6 +120,50 @@ def bench_mqtt(model: Any, *, prompt: Any = None, max_tokens: int = 64, runs: in
             broker.cleanup()
 
 
+def bench_round_trip(model: Any, runs: int = 20) -> list[dict]:
+    """A 1-token request through a private mosquitto, median wall time, for each of: the broker's
+    ``set_tcp_nodelay`` off (mosquitto's default) or on, and the daemon's and SDK's quick ACKs
+    (``mqtt_common.set_quickack``) on or off."""
+    from edge_sdk import mqtt_common
+    from edge_sdk.client import Client
+    from edge_sdk.serve.broker import Mosquitto
+    from edge_sdk.serve.config import ServeSettings
+    from edge_sdk.serve.daemon import Daemon
+
+    rows = []
+    for nodelay in (False, True):
+        for quick in (True, False):
+            mqtt_common.QUICK_ACK = quick
+            broker = Mosquitto(tcp_nodelay=nodelay).start()
+            daemon = Daemon(model, ServeSettings(host=broker.host, port=broker.port, device_id="rtt",
+                                                 metrics_interval_s=60)).start()
+            try:
+                daemon.wait_connected(10)
+                with Client(broker.host, broker.port, "rtt", timeout=30) as client:
+                    client.chat("hi", max_tokens=1)
+                    times = []
+                    for _ in range(runs):
+                        t0 = time.perf_counter()
+                        client.chat("hi", max_tokens=1)
+                        times.append((time.perf_counter() - t0) * 1000)
+                rows.append({"broker_tcp_nodelay": nodelay, "quick_ack": quick,
+                             "request_ms": round(statistics.median(times), 3)})
+            finally:
+                mqtt_common.QUICK_ACK = True
+                daemon.stop(grace_s=0.5)
+                broker.cleanup()
+    return rows
+
+
+def format_round_trip(rows: list[dict]) -> str:
+    lines = ["1-token request through mosquitto (median):",
+             f"{'broker set_tcp_nodelay':>24}{'quick ACKs':>12}{'request':>12}"]
+    for r in rows:
+        lines.append(f"{str(r['broker_tcp_nodelay']).lower():>24}{'on' if r['quick_ack'] else 'off':>12}"
+                     f"{r['request_ms']:>9.2f} ms")
+    return "\n".join(lines)
+
+
 def _mosquitto_version() -> str:
     from edge_sdk.serve.broker import mosquitto_binary
 

@@ -115,12 +115,15 @@ def cmd_bench(args) -> int:
     """Decode speed vs the bandwidth roofline; with --mqtt, the broker's overhead; with --vision, images."""
     if args.mqtt:
         from .runtime.model import load
-        from .bench_mqtt import bench_mqtt, format_bench
+        from .bench_mqtt import bench_mqtt, bench_round_trip, format_bench, format_round_trip
 
         model = load(args.engine, backend=args.backend, **_backend_options(args))
         report = bench_mqtt(model, max_tokens=args.new_tokens, runs=args.runs, host=args.broker_host,
                             port=args.broker_port)
         text = format_bench(report)
+        if args.broker_host is None:  # the broker-config comparison needs private brokers
+            report["round_trip"] = bench_round_trip(model)
+            text += "\n" + format_round_trip(report["round_trip"])
     elif args.vision:
         from .export.vision import bench_vision
 

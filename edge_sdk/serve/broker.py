@@ -31,7 +31,7 @@ def mosquitto_binary() -> str | None:
 
 class Mosquitto:
     def __init__(self, port: int | None = None, *, extra_conf: str = "", workdir: str | Path | None = None,
-                 allow_anonymous: bool = True, max_queued_messages: int | None = None):
+                 allow_anonymous: bool = True, max_queued_messages: int | None = None, tcp_nodelay: bool = True):
         self.binary = mosquitto_binary()
         if self.binary is None:
             raise FileNotFoundError("mosquitto not found (apt-get install mosquitto)")
@@ -43,6 +43,7 @@ class Mosquitto:
         self.allow_anonymous = allow_anonymous
         self.extra_conf = extra_conf
         self.max_queued_messages = max_queued_messages
+        self.tcp_nodelay = tcp_nodelay  # False: a stock mosquitto config (Nagle on), for measurements
         self.proc: subprocess.Popen | None = None
         self.conf = self.dir / "mosquitto.conf"
         self.log_path = self.dir / "mosquitto.log"
@@ -51,7 +52,7 @@ class Mosquitto:
         lines = [
             "per_listener_settings false",
             f"listener {self.port} {self.host}",
-            "set_tcp_nodelay true",
+            f"set_tcp_nodelay {'true' if self.tcp_nodelay else 'false'}",
             f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
             "persistence false",
             "log_type error",

@@ -46,6 +46,11 @@ from edge_sdk.serve.worker import Worker
 
 log = logging.getLogger("edge_sdk.serve")
 
+#: A connection that the broker closes sooner than this after it opened is a flap: the messages
+#: paho would re-send on the next connect are dropped, so that no single PUBLISH the broker
+#: refuses can keep the daemon in a reconnect loop (PROTOCOL.md, rule 9).
+FLAP_S = 5.0
+
 
 def model_info(model: Any) -> dict:
     """name / context_length / modalities from ``model.capabilities()`` where it exists."""
@@ -77,6 +82,8 @@ class Daemon:
                           generated_tokens=0, connects=0)
         self.notifier = Notifier()
         self._threads: list[threading.Thread] = []
+        self._connected_at: float | None = None
+        self._last_connection_s: float | None = None
 
         self.client = make_client(
             s.effective_client_id, username=s.username,
@@ -193,6 +200,14 @@ class Daemon:
             log.error("broker refused the connection: %s", reason_code)
             return
         self.stats["connects"] += 1
+        if self._last_connection_s is not None and self._last_connection_s < FLAP_S:
+            dropped = client.drop_out_messages()
+            if dropped:
+                self.stats["dropped_messages"] += len(dropped)
+                log.error("the broker closed the last connection after %.1f s: dropped %d unacknowledged "
+                          "messages instead of re-sending them (first: %r)", self._last_connection_s, len(dropped),
+                          dropped[0].topic)
+        self._connected_at = time.monotonic()
         # Retain As Published: a request sent with the retain flag arrives with it, and is refused.
         client.subscribe(self.topics.request_filter, options=SubscribeOptions(qos=1, retainAsPublished=True))
         # Subscription first: the broker handles packets in order, so once 'online' is visible the
@@ -207,6 +222,8 @@ class Daemon:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self.connected.clear()
+        if self._connected_at is not None:
+            self._last_connection_s = time.monotonic() - self._connected_at
         if not self._stopped.is_set():
             log.warning("disconnected from broker (%s); reconnecting", reason_code)
 

@@ -27,7 +27,7 @@ from edge_sdk.serve.transport import Refusal, Reply
 log = logging.getLogger("edge_sdk.serve")
 
 #: QoS of the events on a reply topic (PROTOCOL.md, rule 6).
-DELTA_QOS = 1
+DELTA_QOS = 0
 EVENT_QOS = 1
 
 
