@@ -25,8 +25,8 @@ fi
 # shellcheck source=/dev/null
 . "$WORK/passwords.env"
 rm -f "$WORK/edge-sdk.passwd"
-mosquitto_passwd -c -b "$WORK/edge-sdk.passwd" edge-daemon "$DAEMON_PASSWORD"
-mosquitto_passwd -b "$WORK/edge-sdk.passwd" demo "$DEMO_PASSWORD"
+"$HERE/mosquitto/add_user.sh" "$WORK/edge-sdk.passwd" edge-daemon "$DAEMON_PASSWORD"
+"$HERE/mosquitto/add_user.sh" "$WORK/edge-sdk.passwd" demo "$DEMO_PASSWORD"
 cp "$HERE/mosquitto/edge-sdk.acl" "$WORK/edge-sdk.acl"
 sed -e "s|^listener 1883 127.0.0.1|listener $PORT 127.0.0.1|" \
     -e "s|/etc/mosquitto/edge-sdk.passwd|$WORK/edge-sdk.passwd|" \
