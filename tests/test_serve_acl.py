@@ -40,12 +40,15 @@ def shipped_conf(port: int, passwd: Path, acl: Path) -> str:
     return text + "\npersistence false\nlog_dest stderr\n" + run_as
 
 
-@pytest.fixture
-def secured(tmp_path):
+ADD_USER = ROOT / "devices" / "mosquitto" / "add_user.sh"
+
+
+def start_shipped_broker(tmp_path: Path, users: dict[str, str]) -> Mosquitto:
+    """mosquitto with the shipped config, ACL and a password file of ``users`` (added with the
+    shipped add_user.sh)."""
     passwd = tmp_path / "edge-sdk.passwd"
-    for i, (user, pw) in enumerate(USERS.items()):
-        args = ["mosquitto_passwd", "-b"] + (["-c"] if i == 0 else []) + [str(passwd), user, pw]
-        subprocess.run(args, check=True, capture_output=True, timeout=10)
+    for user, pw in users.items():
+        subprocess.run([str(ADD_USER), str(passwd), user, pw], check=True, capture_output=True, timeout=10)
     acl = tmp_path / "edge-sdk.acl"
     shutil.copy(SHIPPED / "edge-sdk.acl", acl)
     for p in (passwd, acl):
@@ -54,7 +57,12 @@ def secured(tmp_path):
     b = Mosquitto(workdir=tmp_path / "broker")
     conf = shipped_conf(b.port, passwd, acl)
     b.write_conf = lambda: (b.conf.write_text(conf), b.conf)[1]
-    b.start()
+    return b.start()
+
+
+@pytest.fixture
+def secured(tmp_path):
+    b = start_shipped_broker(tmp_path, USERS)
     d = Daemon(make_serve_model(), ServeSettings(host=b.host, port=b.port, device_id="jetson",
                                                  username="edge-daemon", password=USERS["edge-daemon"])).start()
     assert d.wait_connected(5), b.read_log()

@@ -9,20 +9,17 @@ import json
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from edge_sdk.mqtt_common import new_client_id
-from edge_sdk.serve.broker import Mosquitto, mosquitto_binary
+from edge_sdk.serve.broker import mosquitto_binary
 from edge_sdk.serve.config import ServeSettings
 from edge_sdk.serve.daemon import Daemon
 
 from mqtt_broker import RawClient, make_serve_model
-from test_serve_acl import SHIPPED, shipped_conf
+from test_serve_acl import ADD_USER, start_shipped_broker
 
-ROOT = Path(__file__).resolve().parents[1]
-ADD_USER = ROOT / "devices" / "mosquitto" / "add_user.sh"
 DEVICE = "jetson"
 LEVEL_NAMES = ["req", "res", "clients", "v1", "status", "events", "camera", "alice"]
 PASSWORDS = {name: f"pw-{name}" for name in ["edge-daemon", *LEVEL_NAMES]}
@@ -33,18 +30,7 @@ pytestmark = pytest.mark.skipif(mosquitto_binary() is None or shutil.which("mosq
 
 @pytest.fixture
 def broker(tmp_path):
-    passwd = tmp_path / "edge-sdk.passwd"
-    for user, pw in PASSWORDS.items():
-        subprocess.run([str(ADD_USER), str(passwd), user, pw], check=True, capture_output=True, timeout=10)
-    acl = tmp_path / "edge-sdk.acl"
-    shutil.copy(SHIPPED / "edge-sdk.acl", acl)
-    for p in (passwd, acl):
-        p.chmod(0o644)
-    tmp_path.chmod(0o755)
-    b = Mosquitto(workdir=tmp_path / "broker")
-    conf = shipped_conf(b.port, passwd, acl)
-    b.write_conf = lambda: (b.conf.write_text(conf), b.conf)[1]
-    b.start()
+    b = start_shipped_broker(tmp_path, PASSWORDS)
     d = Daemon(make_serve_model(), ServeSettings(host=b.host, port=b.port, device_id=DEVICE, username="edge-daemon",
                                                  password=PASSWORDS["edge-daemon"])).start()
     assert d.wait_connected(5), b.read_log()

@@ -18,9 +18,7 @@ linear, so in-place append would need a KV-cache plugin or a graph that writes b
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import time
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +30,6 @@ from edge_sdk.runtime.gpu_probe import GpuStatus, import_pycuda, import_tensorrt
 from edge_sdk.runtime.types import BackendUnavailable, ContextOverflowError, GenerationError
 
 if TYPE_CHECKING:
-    from edge_sdk.devices import DeviceProfile
     from edge_sdk.package import Manifest
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import base64
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 from edge_sdk.protocol.models import Delta, ImagePart, Result, Usage
 from edge_sdk.runtime.types import GenerationError
