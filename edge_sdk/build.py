@@ -74,8 +74,10 @@ def build(checkpoint: str | Path, recipe: QuantRecipe, device: str = "cpu", out:
 
     cfg = ckpt.config
     dtype = profile.compute_dtype
-    export_embedding(quantized.tensors["embed_tokens.weight"], out_dir, dtype)
-    export_decoder(cfg.text, quantized.tensors, quantized.linears, out_dir, dtype)
+    decoder = export_decoder(cfg.text, quantized.tensors, quantized.linears, out_dir, dtype, head=quantized.head)
+    tied = cfg.text.tie_word_embeddings or quantized.tensors["lm_head.weight"] is quantized.tensors["embed_tokens.weight"]
+    table = quantized.embedding if quantized.embedding is not None else quantized.tensors["embed_tokens.weight"]
+    export_embedding(table, out_dir, dtype, tied_to=decoder if tied else None)
     graphs = {"embed": graph_entry(out_dir, "embed.onnx"), "decoder": graph_entry(out_dir, "decoder.onnx")}
     if cfg.vision is not None:
         from .export.vision import export_vision
@@ -88,7 +90,8 @@ def build(checkpoint: str | Path, recipe: QuantRecipe, device: str = "cpu", out:
     manifest = Manifest(
         model_name=ckpt_dir.resolve().name, model=cfg, quant=recipe.model_dump(), device=profile.name,
         context_length=context_length, graphs=graphs, tokenizer="tekken.json",
-        extra={"quant_report": [asdict(r) for r in quantized.report]})
+        extra={"quant_report": [asdict(r) for r in quantized.report],
+               **({"head_report": quantized.head_report.summary()} if quantized.head_report else {})})
     if profile.backend == "tensorrt":
         from .compile import compile_engines
 

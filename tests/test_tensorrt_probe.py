@@ -178,20 +178,13 @@ def test_profile_shapes_from_dim_names(tmp_path):
 
 @pytest.mark.parametrize("external", [True, False])
 def test_embedding_table_is_memory_mapped(tmp_path, external):
+    from edge_sdk.runtime.embedding import EmbeddingTable
+
     w = write_decoder_like(tmp_path / "embed.onnx", with_external=external)
-    table = trt_backend.load_embedding_table(tmp_path / "embed.onnx")
-    np.testing.assert_array_equal(table, numpy_helper.to_array(w))
+    table = EmbeddingTable.open(tmp_path / "embed.onnx")
+    np.testing.assert_array_equal(table.lookup(np.arange(8)), numpy_helper.to_array(w))
     if external:
-        assert isinstance(table, np.memmap)
-
-
-def test_embedding_table_from_the_real_exporter(tmp_path):
-    from edge_sdk.export.decoder import export_embedding
-
-    embed = np.random.default_rng(1).standard_normal((300, 16)).astype(np.float32)
-    export_embedding(embed, tmp_path, "float16")
-    table = trt_backend.load_embedding_table(tmp_path / "embed.onnx")
-    np.testing.assert_array_equal(table, embed.astype(np.float16))
+        assert isinstance(table.table, np.memmap)
 
 
 def test_backend_raises_backend_unavailable_with_probe_reason(monkeypatch, tmp_path):

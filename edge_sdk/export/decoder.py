@@ -24,6 +24,7 @@ from onnx import TensorProto, helper
 from ..models.config import TextConfig
 from ..models.ministral3 import LINEARS
 from ..quant.int4 import pack_int4
+from ..quant.int8 import Int8Linear
 from .onnx_builder import GraphBuilder, save
 
 NEG_INF = -1e9  # masked score; finite so no NaN appears in fp16 or on any backend
@@ -39,14 +40,22 @@ def _int4_initializer(name: str, values: np.ndarray) -> TensorProto:
     return helper.make_tensor(name, TensorProto.INT4, values.shape, packed.tobytes(), raw=True)
 
 
+def _quantized_weight_t(g: GraphBuilder, name: str, lin) -> str:
+    """W^T [in, out] of an Int4Linear (packed INT4) or Int8Linear (INT8) as an initializer."""
+    if isinstance(lin, Int8Linear):
+        return g.weight(lin.q.T, name)
+    return g.tensor(_int4_initializer(name, lin.q.T))
+
+
 class DecoderGraph:
     """Builds the decoder graph from a config and quantized weights (`tensors` + `linears`)."""
 
     def __init__(self, cfg: TextConfig, tensors: Mapping[str, np.ndarray], linears: Mapping[str, object],
-                 dtype: str = "float32"):
+                 dtype: str = "float32", head: object | None = None):
         self.cfg = cfg
         self.tensors = tensors
         self.linears = linears
+        self.head = head  # an Int4Linear [vocab, hidden], or None: the float tensors["lm_head.weight"]
         self.dtype = dtype
         self.onnx_dtype = TensorProto.FLOAT if dtype == "float32" else TensorProto.FLOAT16
         self.g = GraphBuilder("ministral3_decoder")
@@ -71,13 +80,13 @@ class DecoderGraph:
         w = g.weight(self.tensors[weight_name].astype(_np_dtype(self.dtype)), weight_name)
         return g.op("Mul", normed, w)
 
-    def _linear(self, x: str, name: str) -> str:
+    def _linear(self, x: str, name: str, lin: object | None = None) -> str:
         g, dt = self.g, _np_dtype(self.dtype)
-        lin = self.linears[name]
+        lin = self.linears[name] if lin is None else lin
         if isinstance(lin, np.ndarray):
             return g.op("MatMul", x, g.weight(lin.T.astype(dt), f"{name}.weight_t"))
-        if hasattr(lin, "block"):  # Int4Linear
-            w = g.tensor(_int4_initializer(f"{name}.qweight_t", lin.q.T))
+        if hasattr(lin, "block"):  # Int4Linear, Int8Linear
+            w = _quantized_weight_t(g, f"{name}.qweight_t", lin)
             s = g.weight(lin.scales.T.astype(dt), f"{name}.scales_t")
             return g.op("MatMul", x, g.op("DequantizeLinear", w, s, axis=0, block_size=lin.block))
         # Fp8Linear: static per-tensor input scale, per-tensor or per-output-channel weight scale.
@@ -177,8 +186,8 @@ class DecoderGraph:
             h = g.op("Add", h, self._linear(act, p + "mlp.down_proj"))
         last = g.op("Gather", h, g.op("Sub", seq_len, g.const(1)), axis=1)  # [B, H]: only the last token
         last = self._rms_norm(last, "norm.weight")
-        head = g.weight(self.tensors["lm_head.weight"].T.astype(_np_dtype(dt)), "lm_head.weight_t")
-        g.output(self._to_f32(g.op("MatMul", last, head)), "logits", "float32", ["batch", cfg.vocab_size])
+        head = self._linear(last, "lm_head", self.tensors["lm_head.weight"] if self.head is None else self.head)
+        g.output(self._to_f32(head), "logits", "float32", ["batch", cfg.vocab_size])
         for i in range(cfg.num_layers):
             g.outputs.append(helper.make_tensor_value_info(f"present_key.{i}", self.onnx_dtype, present_shape))
             g.outputs.append(helper.make_tensor_value_info(f"present_value.{i}", self.onnx_dtype, present_shape))
@@ -186,17 +195,58 @@ class DecoderGraph:
 
 
 def export_decoder(cfg: TextConfig, tensors: Mapping[str, np.ndarray], linears: Mapping[str, object],
-                   out_dir: Path, dtype: str = "float32") -> Path:
+                   out_dir: Path, dtype: str = "float32", head: object | None = None) -> Path:
     missing = [f"layers.{i}.{n}" for i in range(cfg.num_layers) for n in LINEARS if f"layers.{i}.{n}" not in linears]
     if missing:
         raise ValueError(f"cannot export decoder: linear {missing[0]} has no weights")
-    return save(DecoderGraph(cfg, tensors, linears, dtype).build(), Path(out_dir) / "decoder.onnx")
+    return save(DecoderGraph(cfg, tensors, linears, dtype, head).build(), Path(out_dir) / "decoder.onnx")
 
 
-def export_embedding(embed: np.ndarray, out_dir: Path, dtype: str = "float32") -> Path:
-    """`input_ids` [B, S] -> `inputs_embeds` [B, S, H]: a Gather, kept apart so images can be merged in."""
+#: Initializer names of the head in decoder.onnx (what `DecoderGraph._linear` writes for "lm_head").
+HEAD_NAMES = {"table": ("lm_head.qweight_t", "lm_head.weight_t"), "scales": "lm_head.scales_t"}
+
+
+def export_embedding(table: np.ndarray | object, out_dir: Path, dtype: str = "float32", *,
+                     tied_to: Path | None = None) -> Path:
+    """`input_ids` [B, S] -> `inputs_embeds` [B, S, H] over the table in the head's form: W^T
+    [H, V], float or INT4 with block scales (dequantized by `DequantizeLinear`, as in the
+    decoder). ``table`` is a float [V, H] array or an Int4Linear [V, H]. With ``tied_to`` (the
+    decoder.onnx of a tied model) the graph's table is the decoder's head itself: its
+    initializers point at the same bytes of decoder.onnx.data, so the matrix is stored once.
+
+    Runtimes do not run this graph: they gather the rows they need on the host
+    (runtime/embedding.py) from these initializers; the graph states what that lookup computes."""
+    out_dir = Path(out_dir)
     g = GraphBuilder("ministral3_embed")
     ids = g.input("input_ids", "int64", ["batch", "seq"])
-    table = g.weight(embed.astype(_np_dtype(dtype)), "embed_tokens.weight")
-    g.output(g.op("Gather", table, ids, axis=0), "inputs_embeds", dtype, ["batch", "seq", embed.shape[1]])
-    return save(g.model(), Path(out_dir) / "embed.onnx")
+    quantized = hasattr(table, "block")
+    hidden = table.shape[1]
+    if tied_to is not None:
+        names = _shared_head_initializers(g, Path(tied_to), quantized)
+    elif quantized:
+        names = (_quantized_weight_t(g, "embed.qweight_t", table),
+                 g.weight(table.scales.T.astype(_np_dtype(dtype)), "embed.scales_t"))
+    else:
+        names = (g.weight(np.asarray(table).T.astype(_np_dtype(dtype)), "embed.weight_t"),)
+    w_t = g.op("DequantizeLinear", *names, axis=0, block_size=table.block) if quantized else names[0]
+    rows = g.op("Gather", w_t, ids, axis=1)  # [H, B, S]: only the looked-up columns
+    g.output(g.op("Transpose", rows, perm=[1, 2, 0]), "inputs_embeds", dtype, ["batch", "seq", hidden])
+    return save(g.model(), out_dir / "embed.onnx")
+
+
+def _shared_head_initializers(g: GraphBuilder, decoder_path: Path, quantized: bool) -> tuple[str, ...]:
+    """The decoder's head initializers, as external tensors of this graph (same file, same offsets)."""
+    import onnx
+
+    decoder = onnx.load(str(decoder_path), load_external_data=False)
+    inits = {t.name: t for t in decoder.graph.initializer}
+    wanted = [HEAD_NAMES["table"][0], HEAD_NAMES["scales"]] if quantized else [HEAD_NAMES["table"][1]]
+    names = []
+    for name in wanted:
+        src = inits[name]
+        if src.data_location != TensorProto.EXTERNAL:
+            raise ValueError(f"{decoder_path}: head initializer {name} is not in external data")
+        t = TensorProto(name=name, data_type=src.data_type, dims=src.dims, data_location=TensorProto.EXTERNAL)
+        t.external_data.extend(src.external_data)
+        names.append(g.tensor(t))
+    return tuple(names)

@@ -90,13 +90,18 @@ class GraphBuilder:
 
 
 def save(model: onnx.ModelProto, path: Path) -> Path:
-    """Write `path` with all weights in one external file `path.name + '.data'`, then check it."""
+    """Write `path` with all weights in one external file `path.name + '.data'` (none when the
+    graph's large tensors already live in another graph's file), then check it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = path.with_name(path.name + ".data")
     if data.exists():
         data.unlink()
-    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
+    inline = [t for t in model.graph.initializer if t.data_location != TensorProto.EXTERNAL]
+    if any(t.ByteSize() > 1024 for t in inline):
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(model, path)
     onnx.checker.check_model(str(path))
     return path

@@ -83,7 +83,8 @@ def forward(w: TextWeights, cfg: TextConfig, ids: np.ndarray | None = None, posi
     """Logits [T, vocab] for T new tokens after the cached ones, and the extended cache.
 
     Pass `ids` or precomputed `embeds` [T, hidden] (image features already merged in).
-    `capture(linear_name, x)` sees the input of every linear: calibration collects it.
+    `capture(linear_name, x)` sees the input of every linear, the head ("lm_head") last:
+    calibration collects it.
     """
     h = w.tensor("embed_tokens.weight")[np.asarray(ids)] if embeds is None else np.asarray(embeds, np.float32)
     T = h.shape[0]
@@ -123,4 +124,6 @@ def forward(w: TextWeights, cfg: TextConfig, ids: np.ndarray | None = None, posi
         act = gate / (1.0 + np.exp(-gate)) * lin(p + "mlp.up_proj", x)
         h = h + lin(p + "mlp.down_proj", act)
     h = rms_norm(h, w.tensor("norm.weight"), cfg.rms_norm_eps)
+    if capture:
+        capture("lm_head", h)
     return h @ w.tensor("lm_head.weight").T, new_cache

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Callable
@@ -27,6 +27,7 @@ from ..models.ministral3 import LINEARS, FloatWeights
 from .awq import awq_layer
 from .fp8 import Fp8Linear, activation_scale, from_checkpoint, has_activation_scale, quantize_fp8
 from .int4 import Int4Linear, quantize_int4
+from .int8 import Int8Linear, quantize_int8
 from .recipe import QuantRecipe
 
 log = logging.getLogger(__name__)
@@ -48,16 +49,42 @@ class LayerReport:
     from_checkpoint: bool = False        # fp8: weight and scales reused from an FP8 checkpoint
 
 
+@dataclass(frozen=True)
+class HeadReport:
+    """The quantized head against the float head, on the calibration text's final hidden states."""
+
+    format: str                  # int4 | int8
+    tokens: int
+    sqnr_db: float
+    top1_agreement: float        # fraction of positions whose argmax token is the same
+    max_abs_logit_error: float
+    rel_logit_error: float       # mean |logit error| / std of the float logits
+    why: str = ""
+    quantized: object = field(default=None, repr=False, compare=False)  # the head itself (not reported)
+
+    def summary(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "quantized"}
+
+
 class QuantizedModel:
-    """Quantized decoder weights; `tensor`/`linear` make it a `ministral3.TextWeights`."""
+    """Quantized decoder weights; `tensor`/`linear` make it a `ministral3.TextWeights`.
+
+    ``head`` is the INT4/INT8 LM head [vocab, hidden] (None: float, ``tensors["lm_head.weight"]``);
+    ``embedding`` the token table in the same form (the very same object when the head is
+    tied to the embeddings: it is stored once). ``tensors`` always holds both as float32, the
+    dequantized images when quantized, for the reference."""
 
     def __init__(self, config: ModelConfig, recipe: QuantRecipe, tensors: dict[str, np.ndarray],
-                 linears: dict[str, Linear], report: list[LayerReport]):
+                 linears: dict[str, Linear], report: list[LayerReport], head: Int4Linear | Int8Linear | None = None,
+                 embedding: Int4Linear | Int8Linear | None = None, head_report: HeadReport | None = None):
         self.config = config
         self.recipe = recipe
         self.tensors = tensors
         self.linears = linears
         self.report = report
+        self.head = head
+        self.embedding = embedding
+        self.head_report = head_report
 
     def tensor(self, name: str) -> np.ndarray:
         return self.tensors[name]
@@ -163,9 +190,15 @@ def quantize(ckpt: Checkpoint, recipe: QuantRecipe, encode: Callable[[str], list
              progress: bool = True) -> QuantizedModel:
     """Quantize the text decoder of `ckpt` as `recipe` says (vision weights are not touched)."""
     cfg = ckpt.config.text
+    tied = cfg.tie_word_embeddings or "lm_head.weight" not in ckpt
     tensors: dict[str, np.ndarray] = {"embed_tokens.weight": ckpt.get("embed_tokens.weight")}
-    tensors["lm_head.weight"] = (tensors["embed_tokens.weight"] if cfg.tie_word_embeddings
-                                 or "lm_head.weight" not in ckpt else ckpt.get("lm_head.weight"))
+    tensors["lm_head.weight"] = tensors["embed_tokens.weight"] if tied else ckpt.get("lm_head.weight")
+    quantized_head = recipe.method == "int4" and recipe.head != "float"  # a quantized head (int4 or int8)
+    if quantized_head:
+        for name in ("embed_tokens.weight",) + (() if tied else ("lm_head.weight",)):
+            if tensors[name].shape[1] % recipe.block_size:
+                raise ValueError(f"{name} has shape {tensors[name].shape}: hidden size {tensors[name].shape[1]} is "
+                                 f"not a multiple of the int4 block size {recipe.block_size}")
     tensors["norm.weight"] = ckpt.get("norm.weight")
     for i in range(cfg.num_layers):
         for n in ("input_layernorm", "post_attention_layernorm"):
@@ -183,6 +216,7 @@ def quantize(ckpt: Checkpoint, recipe: QuantRecipe, encode: Callable[[str], list
     keep_x = recipe.method == "int4" and recipe.awq
     need_amax = recipe.method == "fp8" and any(
         not (ckpt.is_fp8(n) and has_activation_scale(ckpt, n)) for n in all_linears)
+    head_report: list[HeadReport] = []
 
     def process(layer: int, acts: dict[str, np.ndarray], amax: dict[str, float]) -> None:
         names = [f"layers.{layer}.{n}" for n in LINEARS]
@@ -221,13 +255,16 @@ def quantize(ckpt: Checkpoint, recipe: QuantRecipe, encode: Callable[[str], list
     bar = tqdm(total=cfg.num_layers, desc=f"quantize {recipe.method}", unit="layer",
                disable=not progress or not sys.stderr.isatty())
     try:
-        if keep_x or need_amax:
+        if keep_x or need_amax or quantized_head:
             ids = calibration_ids(recipe, cfg.vocab_size, encode)
             acts: dict[str, np.ndarray] = {}
             amax: dict[str, float] = {}
             last = LINEARS[-1]
 
             def capture(name: str, x: np.ndarray) -> None:
+                if name == "lm_head":  # only reached with a quantized head: choose it, then stop
+                    head_report.append(choose_head(tensors["lm_head.weight"], x, recipe))
+                    raise _CalibrationDone
                 if keep_x:
                     acts[name] = x
                 if need_amax:
@@ -238,7 +275,7 @@ def quantize(ckpt: Checkpoint, recipe: QuantRecipe, encode: Callable[[str], list
                     acts.clear()
                     amax.clear()
                     bar.update(1)
-                    if layer == cfg.num_layers - 1:
+                    if layer == cfg.num_layers - 1 and not quantized_head:
                         raise _CalibrationDone
 
             try:
@@ -251,4 +288,57 @@ def quantize(ckpt: Checkpoint, recipe: QuantRecipe, encode: Callable[[str], list
                 bar.update(1)
     finally:
         bar.close()
-    return QuantizedModel(ckpt.config, recipe, tensors, linears, report)
+    head = embedding = None
+    if quantized_head:
+        r = head_report[0]
+        head = r.quantized
+        embedding = head if tied else quantize_head(tensors["embed_tokens.weight"], r.format, recipe.block_size)
+        tensors["lm_head.weight"] = head.dequantize()
+        tensors["embed_tokens.weight"] = tensors["lm_head.weight"] if tied else embedding.dequantize()
+        log.info("%s head: weight SQNR %.2f dB; on %d calibration tokens top-1 agreement %.3f with the float "
+                 "head, logit error mean %.3f std, max %.3g%s", r.format, r.sqnr_db, r.tokens, r.top1_agreement,
+                 r.rel_logit_error, r.max_abs_logit_error, f" ({r.why})" if r.why else "")
+    return QuantizedModel(ckpt.config, recipe, tensors, linears, report, head=head, embedding=embedding,
+                          head_report=head_report[0] if head_report else None)
+
+
+#: ``head="auto"`` keeps INT4 when at least this fraction of calibration positions get the same
+#: top-1 token as with the float head; else INT8.
+AUTO_HEAD_MIN_TOP1 = 0.9
+
+
+def quantize_head(w: np.ndarray, fmt: str, block: int) -> Int4Linear | Int8Linear:
+    return quantize_int4(w, block) if fmt == "int4" else quantize_int8(w, block)
+
+
+def choose_head(w_float: np.ndarray, hidden: np.ndarray, recipe: QuantRecipe) -> HeadReport:
+    """Quantize the head as the recipe says (``auto``: INT4 unless it agrees too little)."""
+    fmt = "int4" if recipe.head in ("auto", "int4") else "int8"
+    r = measure_head(w_float, quantize_head(w_float, fmt, recipe.block_size), hidden, fmt)
+    if recipe.head == "auto" and r.top1_agreement < AUTO_HEAD_MIN_TOP1:
+        int4_top1 = r.top1_agreement
+        r = measure_head(w_float, quantize_head(w_float, "int8", recipe.block_size), hidden, "int8")
+        r = replace(r, why=f"auto: INT4 agreed on only {int4_top1:.3f} of calibration tokens "
+                           f"(< {AUTO_HEAD_MIN_TOP1})")
+    return r
+
+
+def measure_head(w_float: np.ndarray, head: Int4Linear | Int8Linear, hidden: np.ndarray, fmt: str,
+                 chunk: int = 64) -> HeadReport:
+    """Float head vs INT4 head on final hidden states [N, hidden] (in chunks: N x vocab logits)."""
+    wq = head.dequantize()
+    agree, max_err, abs_err, sq_sum, total_sum, n = 0, 0.0, 0.0, 0.0, 0.0, 0
+    for i in range(0, len(hidden), chunk):
+        x = hidden[i:i + chunk]
+        ref, got = x @ w_float.T, x @ wq.T
+        agree += int(np.sum(ref.argmax(-1) == got.argmax(-1)))
+        err = np.abs(got - ref)
+        max_err = max(max_err, float(err.max()))
+        abs_err += float(err.sum())
+        sq_sum += float(np.square(ref, dtype=np.float64).sum())
+        total_sum += float(ref.sum(dtype=np.float64))
+        n += ref.size
+    std = math.sqrt(max(sq_sum / n - (total_sum / n) ** 2, 1e-30))
+    return HeadReport(format=fmt, tokens=len(hidden), sqnr_db=sqnr_db(w_float, wq),
+                      top1_agreement=agree / len(hidden), max_abs_logit_error=max_err,
+                      rel_logit_error=abs_err / n / std, quantized=head)

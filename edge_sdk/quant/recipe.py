@@ -12,6 +12,12 @@ The recipe goes into the engine manifest, so a package says exactly how its weig
 - ``awq``: search per-input-channel scales on calibration activations (int4 only; ignored for
   fp8/none). ``awq_grid``: number of exponents alpha tried, evenly spaced over [0, 1]
   (alpha = 0 is plain round-to-nearest, so AWQ never does worse than RTN on the calibration set).
+- ``head``: the LM head (and with it the token embeddings) for ``int4``. With a 131k vocabulary the
+  head is most of the bytes a decode step reads. ``"int4"`` (block-wise, round to nearest, like the
+  linears), ``"int8"`` (block-wise, twice the bytes, near-float quality), ``"float"``, or
+  ``"auto"`` (default): INT4 when its top-1 agreement with the float head on the calibration text
+  is at least ``AUTO_HEAD_MIN_TOP1`` (quantize.py), else INT8. The build reports top-1 agreement
+  and logit error of what it chose. ``none`` and ``fp8`` keep a float head.
 - ``fp8_granularity``: ``"tensor"`` (one weight scale, what Mistral ships) or ``"channel"``
   (one per output row). Ignored for linears the checkpoint already stores in FP8: their scales
   are reused as they are.
@@ -34,6 +40,7 @@ class QuantRecipe(BaseModel):
     block_size: Literal[32, 64, 128] = 128
     awq: bool = True
     awq_grid: int = Field(default=20, ge=1)
+    head: Literal["auto", "int4", "int8", "float"] = "auto"
     fp8_granularity: Literal["tensor", "channel"] = "tensor"
     calibration_file: str | None = None
     calibration_tokens: int = Field(default=512, ge=1)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .embedding import EmbeddingTable
+
 log = logging.getLogger(__name__)
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -42,8 +44,9 @@ class OnnxRuntimeBackend:
         self.package_dir = Path(package_dir)
         self.sessions = {
             role: ort.InferenceSession(str(self.package_dir / entry.file), options, providers=["CPUExecutionProvider"])
-            for role, entry in manifest.graphs.items()
+            for role, entry in manifest.graphs.items() if role != "embed"
         }
+        self.embeddings = EmbeddingTable.open(self.package_dir / manifest.graphs["embed"].file)
         decoder = self.sessions["decoder"]
         self.cache_names = [i.name for i in decoder.get_inputs() if i.name.startswith("past_")]
         self.output_names = [o.name for o in decoder.get_outputs()]
@@ -54,8 +57,7 @@ class OnnxRuntimeBackend:
                  options.intra_op_num_threads, accuracy_level, np.dtype(self.dtype).name)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-        return self.sessions["embed"].run(None, {"input_ids": ids})[0][0].astype(np.float32)
+        return self.embeddings.lookup(ids)
 
     def new_cache(self) -> OrtCache:
         empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.dtype)

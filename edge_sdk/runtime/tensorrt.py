@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge_sdk.runtime.embedding import EmbeddingTable
 from edge_sdk.runtime.gpu_probe import GpuStatus, import_pycuda, import_tensorrt, require_gpu, trt_logger, version_tuple
 from edge_sdk.runtime.types import BackendUnavailable, ContextOverflowError, GenerationError
 
@@ -33,30 +34,6 @@ if TYPE_CHECKING:
     from edge_sdk.package import Manifest
 
 log = logging.getLogger(__name__)
-
-def load_embedding_table(onnx_path: str | Path) -> np.ndarray:
-    """The Gather table of embed.onnx as a read-only array, memory-mapped from its external data.
-
-    Only the rows a prompt touches are read from disk; nothing is copied to the GPU.
-    """
-    import onnx  # noqa: PLC0415
-    from onnx import numpy_helper  # noqa: PLC0415
-
-    onnx_path = Path(onnx_path)
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    gathers = [n for n in model.graph.node if n.op_type == "Gather"]
-    inits = {t.name: t for t in model.graph.initializer}
-    table = next((inits[n.input[0]] for n in gathers if n.input[0] in inits), None)
-    if table is None:
-        raise BackendUnavailable(f"{onnx_path}: no Gather over an initializer (not an embed graph)")
-    if table.data_location != onnx.TensorProto.EXTERNAL:
-        return numpy_helper.to_array(table)
-    info = {e.key: e.value for e in table.external_data}
-    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(table.data_type)).newbyteorder("<")
-    shape = tuple(int(d) for d in table.dims)
-    return np.memmap(onnx_path.parent / info["location"], dtype=dtype, mode="r",
-                     offset=int(info.get("offset", 0)), shape=shape)
-
 
 class _Engine:
     """A deserialized plan, one execution context, and its I/O tensor facts."""
@@ -227,14 +204,14 @@ class TensorRTDecoder:
         if "embed" not in eng:
             if "embed" not in manifest.graphs:
                 raise BackendUnavailable(f"{pkg}: package has neither an embed engine nor embed.onnx")
-            table = load_embedding_table(pkg / manifest.graphs["embed"].file)
+            table = EmbeddingTable.open(pkg / manifest.graphs["embed"].file)
         ctx = min(max_context or manifest.context_length, manifest.context_length)
         self._open(pkg / eng["decoder"], pkg / eng["embed"] if "embed" in eng else None,
                    pkg / eng["vision"] if "vision" in eng else None, table, ctx)
 
     @classmethod
     def from_plans(cls, decoder_plan: str | Path, *, embed_plan: str | Path | None = None,
-                   vision_plan: str | Path | None = None, embed_table: np.ndarray | None = None,
+                   vision_plan: str | Path | None = None, embed_table: EmbeddingTable | None = None,
                    max_context: int | None = None) -> TensorRTDecoder:
         self = cls.__new__(cls)
         self._open(Path(decoder_plan), Path(embed_plan) if embed_plan else None,
@@ -242,7 +219,7 @@ class TensorRTDecoder:
         return self
 
     def _open(self, decoder_plan: Path, embed_plan: Path | None, vision_plan: Path | None,
-              embed_table: np.ndarray | None, max_context: int | None) -> None:
+              embed_table: EmbeddingTable | None, max_context: int | None) -> None:
         self.status = require_gpu()
         trt = import_tensorrt()
         self._cuda, self._cu_ctx = import_pycuda()
@@ -318,7 +295,7 @@ class TensorRTDecoder:
         if self._embed is None:
             if self._embed_table is None:
                 raise BackendUnavailable("no embed engine and no embedding table given to TensorRTDecoder")
-            return np.asarray(self._embed_table[ids], dtype=np.float32)
+            return self._embed_table.lookup(ids)
         with self._lock, self._active():
             step = self._embed.max_shape("input_ids")[-1]
             parts = [_run_graph(self._embed, self._scratch, self._stream,

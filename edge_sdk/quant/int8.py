@@ -1,0 +1,40 @@
+"""Block-wise symmetric INT8 weights (fp16 scales), for the LM head where INT4 costs too much
+quality: the same layout as INT4 (``DequantizeLinear`` with blocks along the input dimension,
+which ONNX Runtime runs as 8-bit MatMulNBits), twice the bytes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Int8Linear:
+    """``q`` int8 [out, in] in [-127, 127], ``scales`` float16 [out, in // block]."""
+
+    q: np.ndarray
+    scales: np.ndarray
+    block: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self) -> np.ndarray:
+        out, n = self.q.shape
+        qb = self.q.reshape(out, n // self.block, self.block).astype(np.float32)
+        return (qb * self.scales.astype(np.float32)[:, :, None]).reshape(out, n)
+
+
+def quantize_int8(w: np.ndarray, block: int) -> Int8Linear:
+    """Scale = max|w| / 127 per block (fp16-rounded, as the engine multiplies), codes rounded."""
+    w = np.asarray(w, dtype=np.float32)
+    out, n = w.shape
+    if n % block:
+        raise ValueError(f"weight of shape {w.shape}: input dimension {n} is not a multiple of the block size {block}")
+    wb = w.reshape(out, n // block, block)
+    scale = (np.abs(wb).max(axis=-1) / 127.0).astype(np.float16)
+    s32 = scale.astype(np.float32)[:, :, None]
+    q = np.clip(np.rint(np.divide(wb, s32, out=np.zeros_like(wb), where=s32 > 0)), -127, 127)
+    return Int8Linear(q=q.astype(np.int8).reshape(out, n), scales=scale, block=block)

@@ -1,0 +1,64 @@
+"""The quantized LM head and token table: the engine matches its own dequantized reference at
+the INT4 engines' tolerance, the head is a DequantizeLinear -> MatMul (what ONNX Runtime runs as
+MatMulNBits and TensorRT as a weight-only GEMM), a tied model stores the matrix once, and the
+build reports the head's agreement with the float head."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import edge_sdk
+from edge_sdk.models.checkpoint import open_checkpoint
+from edge_sdk.quant import QuantRecipe, quantize
+from test_foundation import PROMPT, engine_logits
+from test_quantized_engines import N_NEW, reference_greedy
+
+TOL = 2e-4  # as for the INT4 engines (tests/test_quantized_engines.py)
+
+
+@pytest.mark.parametrize("head", ["int4", "int8", "float"])
+@pytest.mark.parametrize("shape", ["text", "mm_tied"])
+def test_head_engine_matches_dequantized_reference(tiny_checkpoints, build_package, head, shape):
+    ckpt_dir = tiny_checkpoints[shape]
+    ckpt = open_checkpoint(ckpt_dir)
+    pkg = build_package(ckpt_dir, "int4", block_size=32, head=head)
+    model = edge_sdk.load(pkg, accuracy_level=0)
+    qm = quantize(ckpt, QuantRecipe(method="int4", block_size=32, head=head), encode=model.tokenizer.encode,
+                  progress=False)
+    tokens, ref_logits = reference_greedy(qm, ckpt.config.text, PROMPT, N_NEW)
+    np.testing.assert_allclose(engine_logits(model, PROMPT + tokens), ref_logits, atol=TOL, rtol=0)
+    assert model.generate(PROMPT, max_tokens=N_NEW).tokens == tokens
+
+    graph = onnx.load(str(pkg / "decoder.onnx"), load_external_data=False).graph
+    inits = {t.name: t for t in graph.initializer}
+    if head == "float":
+        assert qm.head is None and "head_report" not in model.manifest.extra
+        assert inits["lm_head.weight_t"].data_type == onnx.TensorProto.FLOAT
+        return
+    want = onnx.TensorProto.INT4 if head == "int4" else onnx.TensorProto.INT8
+    assert inits["lm_head.qweight_t"].data_type == want
+    dq = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "lm_head.qweight_t")
+    assert any(n.op_type == "MatMul" and dq.output[0] in n.input for n in graph.node)
+    rep = model.manifest.extra["head_report"]
+    assert rep["format"] == head and 0 <= rep["top1_agreement"] <= 1 and rep["tokens"] > 0
+    print(f"{shape} {head} head: top-1 agreement {rep['top1_agreement']:.3f}, "
+          f"logit error {rep['rel_logit_error']:.3f} std, SQNR {rep['sqnr_db']:.1f} dB")
+    tied = shape == "mm_tied"
+    assert (qm.embedding is qm.head) == tied
+    assert (pkg / "embed.onnx.data").exists() != tied  # tied: the table is the decoder's head
+
+
+def test_int8_head_agrees_more_and_auto_picks_by_agreement(tiny_checkpoints, build_package):
+    ckpt_dir = tiny_checkpoints["text"]
+    reports = {h: edge_sdk.load(build_package(ckpt_dir, "int4", block_size=32, head=h)).manifest.extra["head_report"]
+               for h in ("int4", "int8", "auto")}
+    assert reports["int8"]["sqnr_db"] > reports["int4"]["sqnr_db"] + 15
+    assert reports["int8"]["top1_agreement"] >= reports["int4"]["top1_agreement"]
+    assert reports["int8"]["rel_logit_error"] < reports["int4"]["rel_logit_error"]
+    from edge_sdk.quant.quantize import AUTO_HEAD_MIN_TOP1
+
+    expect = "int4" if reports["int4"]["top1_agreement"] >= AUTO_HEAD_MIN_TOP1 else "int8"
+    assert reports["auto"]["format"] == expect
+    assert (reports["auto"]["why"] != "") == (expect == "int8")
