@@ -49,7 +49,7 @@ def cmd_build(args) -> int:
     from .build import build
     from .quant import QuantRecipe
 
-    recipe = QuantRecipe(method=args.quant, block_size=args.block_size, awq=not args.no_awq,
+    recipe = QuantRecipe(method=args.quant, block_size=args.block_size, awq=not args.no_awq, head=args.head,
                          calibration_file=args.calib, fp8_granularity=args.fp8_granularity)
     out = build(args.checkpoint, recipe, device=args.device, out=args.output, tokenizer=args.tokenizer,
                 context_length=args.context, progress=not args.quiet)
@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", help="calibration text file (default: the one shipped with edge_sdk)")
     p.add_argument("--block-size", type=int, default=128, choices=[32, 64, 128], help="INT4 block size (default 128)")
     p.add_argument("--no-awq", action="store_true", help="plain round-to-nearest INT4, no activation-aware scaling")
+    p.add_argument("--head", choices=["auto", "int4", "int8", "float"], default="auto",
+                   help="LM head and token table with --quant int4 (auto: INT4 unless its top-1 agreement with the "
+                        "float head on the calibration text is below 0.9, then INT8)")
     p.add_argument("--fp8-granularity", choices=["tensor", "channel"], default="tensor",
                    help="FP8 weight scales per tensor (default) or per output channel")
     p.add_argument("--context", type=int, help="context length (default: the device profile's)")

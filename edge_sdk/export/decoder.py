@@ -25,7 +25,7 @@ from ..models.config import TextConfig
 from ..models.ministral3 import LINEARS
 from ..quant.int4 import pack_int4
 from ..quant.int8 import Int8Linear
-from .onnx_builder import GraphBuilder, save
+from .onnx_builder import GraphBuilder
 
 NEG_INF = -1e9  # masked score; finite so no NaN appears in fp16 or on any backend
 
@@ -34,31 +34,27 @@ def _np_dtype(dtype: str):
     return {"float32": np.float32, "float16": np.float16}[dtype]
 
 
-def _int4_initializer(name: str, values: np.ndarray) -> TensorProto:
-    """ONNX INT4 tensor from int8 values in [-8, 7] (two per byte, first in the low nibble)."""
-    packed = pack_int4(np.ascontiguousarray(values))
-    return helper.make_tensor(name, TensorProto.INT4, values.shape, packed.tobytes(), raw=True)
-
-
 def _quantized_weight_t(g: GraphBuilder, name: str, lin) -> str:
-    """W^T [in, out] of an Int4Linear (packed INT4) or Int8Linear (INT8) as an initializer."""
+    """W^T [in, out] of an Int4Linear (ONNX INT4: two per byte, first in the low nibble) or an
+    Int8Linear (INT8) as an initializer."""
     if isinstance(lin, Int8Linear):
         return g.weight(lin.q.T, name)
-    return g.tensor(_int4_initializer(name, lin.q.T))
+    values = np.ascontiguousarray(lin.q.T)
+    return g.raw(name, TensorProto.INT4, values.shape, pack_int4(values).data)
 
 
 class DecoderGraph:
     """Builds the decoder graph from a config and quantized weights (`tensors` + `linears`)."""
 
     def __init__(self, cfg: TextConfig, tensors: Mapping[str, np.ndarray], linears: Mapping[str, object],
-                 dtype: str = "float32", head: object | None = None):
+                 path: Path, dtype: str = "float32", head: object | None = None):
         self.cfg = cfg
         self.tensors = tensors
         self.linears = linears
         self.head = head  # an Int4Linear [vocab, hidden], or None: the float tensors["lm_head.weight"]
         self.dtype = dtype
         self.onnx_dtype = TensorProto.FLOAT if dtype == "float32" else TensorProto.FLOAT16
-        self.g = GraphBuilder("ministral3_decoder")
+        self.g = GraphBuilder("ministral3_decoder", path)
 
     # --- building blocks -------------------------------------------------------------------
     def _to_compute(self, x: str) -> str:
@@ -94,9 +90,8 @@ class DecoderGraph:
         in_scale = g.weight(np.asarray(lin.input_scale, dtype=dt).reshape(()), f"{name}.input_scale")
         xq = g.op("QuantizeLinear", x, in_scale, zero, saturate=1)
         xdq = g.op("DequantizeLinear", xq, in_scale, zero)
-        wq = g.tensor(helper.make_tensor(f"{name}.fp8_weight_t", TensorProto.FLOAT8E4M3FN,
-                                         lin.weight.T.shape, np.ascontiguousarray(lin.weight.T).view(np.uint8).tobytes(),
-                                         raw=True))
+        wq = g.raw(f"{name}.fp8_weight_t", TensorProto.FLOAT8E4M3FN, lin.weight.T.shape,
+                   np.ascontiguousarray(lin.weight.T).view(np.uint8).data)
         ws = np.asarray(lin.weight_scale, dtype=dt)
         w_scale = g.weight(ws.reshape(ws.shape if ws.size > 1 else ()), f"{name}.weight_scale")
         wdq = g.op("DequantizeLinear", wq, w_scale, axis=1) if ws.size > 1 else g.op("DequantizeLinear", wq, w_scale)
@@ -158,7 +153,8 @@ class DecoderGraph:
         return g.op("Reshape", g.op("Transpose", out, perm=[0, 2, 1, 3]), g.const([0, 0, cfg.num_heads * cfg.head_dim]))
 
     # --- the graph ---------------------------------------------------------------------------
-    def build(self):
+    def build(self) -> GraphBuilder:
+        """The whole graph; its weights are already on disk (`.save()` writes the rest)."""
         g, cfg, dt = self.g, self.cfg, self.dtype
         kv_shape = ["batch", cfg.num_kv_heads, "past_seq", cfg.head_dim]
         h = g.input("inputs_embeds", dt, ["batch", "seq", cfg.hidden_size])
@@ -191,7 +187,7 @@ class DecoderGraph:
         for i in range(cfg.num_layers):
             g.outputs.append(helper.make_tensor_value_info(f"present_key.{i}", self.onnx_dtype, present_shape))
             g.outputs.append(helper.make_tensor_value_info(f"present_value.{i}", self.onnx_dtype, present_shape))
-        return g.model()
+        return g
 
 
 def export_decoder(cfg: TextConfig, tensors: Mapping[str, np.ndarray], linears: Mapping[str, object],
@@ -199,7 +195,7 @@ def export_decoder(cfg: TextConfig, tensors: Mapping[str, np.ndarray], linears: 
     missing = [f"layers.{i}.{n}" for i in range(cfg.num_layers) for n in LINEARS if f"layers.{i}.{n}" not in linears]
     if missing:
         raise ValueError(f"cannot export decoder: linear {missing[0]} has no weights")
-    return save(DecoderGraph(cfg, tensors, linears, dtype, head).build(), Path(out_dir) / "decoder.onnx")
+    return DecoderGraph(cfg, tensors, linears, Path(out_dir) / "decoder.onnx", dtype, head).build().save()
 
 
 #: Initializer names of the head in decoder.onnx (what `DecoderGraph._linear` writes for "lm_head").
@@ -217,7 +213,7 @@ def export_embedding(table: np.ndarray | object, out_dir: Path, dtype: str = "fl
     Runtimes do not run this graph: they gather the rows they need on the host
     (runtime/embedding.py) from these initializers; the graph states what that lookup computes."""
     out_dir = Path(out_dir)
-    g = GraphBuilder("ministral3_embed")
+    g = GraphBuilder("ministral3_embed", out_dir / "embed.onnx")
     ids = g.input("input_ids", "int64", ["batch", "seq"])
     quantized = hasattr(table, "block")
     hidden = table.shape[1]
@@ -231,7 +227,7 @@ def export_embedding(table: np.ndarray | object, out_dir: Path, dtype: str = "fl
     w_t = g.op("DequantizeLinear", *names, axis=0, block_size=table.block) if quantized else names[0]
     rows = g.op("Gather", w_t, ids, axis=1)  # [H, B, S]: only the looked-up columns
     g.output(g.op("Transpose", rows, perm=[1, 2, 0]), "inputs_embeds", dtype, ["batch", "seq", hidden])
-    return save(g.model(), out_dir / "embed.onnx")
+    return g.save()
 
 
 def _shared_head_initializers(g: GraphBuilder, decoder_path: Path, quantized: bool) -> tuple[str, ...]:

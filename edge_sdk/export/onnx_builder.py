@@ -3,6 +3,10 @@
 The exporters build graphs from NumPy weights directly (no torch tracing), so what lands in the
 file is exactly the op list we chose: basic ops that both ONNX Runtime and TensorRT 10.3's parser
 accept. This class only removes the bookkeeping: unique names, initializers, typed I/O.
+
+Weights stream to disk: a builder made with the graph's path writes every initializer over
+`EXTERNAL_MIN_BYTES` to `<graph>.data` as soon as it is added (page-aligned, so runtimes can map
+it) and keeps only its offset, so exporting a model never holds a second copy of its weights.
 """
 
 from __future__ import annotations
@@ -27,10 +31,16 @@ ONNX_TYPES = {
 }
 
 
-class GraphBuilder:
-    """Collects nodes, initializers and I/O; `op()` returns the name of the op's output."""
+#: Initializers at least this big go to the external data file; smaller ones stay in the graph.
+EXTERNAL_MIN_BYTES = 1024
+_ALIGN = 4096
 
-    def __init__(self, name: str):
+
+class GraphBuilder:
+    """Collects nodes, initializers and I/O; `op()` returns the name of the op's output. With
+    `path`, weights are written to `path.name + '.data'` as they come and `save()` finishes it."""
+
+    def __init__(self, name: str, path: Path | None = None):
         self.name = name
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
@@ -38,6 +48,11 @@ class GraphBuilder:
         self.outputs: list[onnx.ValueInfoProto] = []
         self._count = 0
         self._consts: dict[tuple, str] = {}
+        self.path = Path(path) if path is not None else None
+        self._data = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._data = open(self.path.with_name(self.path.name + ".data"), "wb")
 
     def _fresh(self, hint: str) -> str:
         self._count += 1
@@ -55,11 +70,29 @@ class GraphBuilder:
 
     def weight(self, array: np.ndarray, name: str) -> str:
         """A named initializer (a model weight)."""
-        self.initializers.append(numpy_helper.from_array(np.array(array, order="C"), name))
+        array = np.asarray(array, order="C")  # (ascontiguousarray would make a 0-d array 1-d)
+        if self._data is not None and array.nbytes >= EXTERNAL_MIN_BYTES:
+            return self.raw(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape, array.data)
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def raw(self, name: str, data_type: int, dims, data) -> str:
+        """An initializer from its raw little-endian bytes (e.g. packed int4), streamed to the data file."""
+        if self._data is None or len(memoryview(data).cast("B")) < EXTERNAL_MIN_BYTES:
+            self.initializers.append(helper.make_tensor(name, data_type, dims, bytes(data), raw=True))
+            return name
+        f = self._data
+        offset = -(-f.tell() // _ALIGN) * _ALIGN
+        f.seek(offset)
+        f.write(data)
+        t = onnx.TensorProto(name=name, data_type=data_type, dims=list(dims), data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", Path(f.name).name), ("offset", str(offset)), ("length", str(f.tell() - offset))):
+            t.external_data.add(key=key, value=value)
+        self.initializers.append(t)
         return name
 
     def tensor(self, proto: onnx.TensorProto) -> str:
-        """An initializer already in ONNX form (e.g. packed int4)."""
+        """An initializer already in ONNX form (e.g. one that points into another graph's data)."""
         self.initializers.append(proto)
         return proto.name
 
@@ -88,20 +121,17 @@ class GraphBuilder:
         model.ir_version = 10  # opset 21 needs IR 10; ONNX Runtime and TensorRT 10.x read it
         return model
 
-
-def save(model: onnx.ModelProto, path: Path) -> Path:
-    """Write `path` with all weights in one external file `path.name + '.data'` (none when the
-    graph's large tensors already live in another graph's file), then check it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()
-    inline = [t for t in model.graph.initializer if t.data_location != TensorProto.EXTERNAL]
-    if any(t.ByteSize() > 1024 for t in inline):
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-    else:
-        onnx.save_model(model, path)
-    onnx.checker.check_model(str(path))
-    return path
+    def save(self, metadata: dict | None = None) -> Path:
+        """Close the data file (removed if nothing went to it), write the graph, check it."""
+        if self.path is None:
+            raise ValueError("this GraphBuilder was made without a path")
+        model = self.model()
+        if metadata:
+            helper.set_model_props(model, {k: str(v) for k, v in metadata.items()})
+        self._data.close()
+        data = Path(self._data.name)
+        if data.stat().st_size == 0:
+            data.unlink()
+        onnx.save_model(model, self.path)
+        onnx.checker.check_model(str(self.path))
+        return self.path

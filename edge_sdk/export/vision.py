@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from ..models.config import VisionConfig
 from ..models.pixtral import VISION_NORM_EPS, check_weights, rope_inv_freq
-from .onnx_builder import GraphBuilder, save
+from .onnx_builder import GraphBuilder
 
 VISION_FILE = "vision.onnx"
 
@@ -48,14 +48,14 @@ def _np_dtype(dtype: str):
 
 class VisionGraph:
     def __init__(self, weights: Mapping[str, np.ndarray], cfg: VisionConfig, text_hidden: int,
-                 dtype: str = "float32"):
+                 path: Path, dtype: str = "float32"):
         self.w = weights
         self.cfg = cfg
         self.text_hidden = text_hidden
         self.dtype = dtype
         self.np_dtype = _np_dtype(dtype)
         self.onnx_dtype = TensorProto.FLOAT if dtype == "float32" else TensorProto.FLOAT16
-        self.g = GraphBuilder("pixtral_vision")
+        self.g = GraphBuilder("pixtral_vision", path)
 
     # --- helpers -----------------------------------------------------------------------------
     def _get(self, name: str) -> np.ndarray:
@@ -178,7 +178,7 @@ class VisionGraph:
         return g.op("Reshape", x, g.const([-1, d * m * m]))
 
     # --- graph -------------------------------------------------------------------------------
-    def build(self, metadata: Mapping[str, str] | None = None):
+    def build(self, metadata: Mapping[str, str] | None = None) -> Path:
         g, cfg = self.g, self.cfg
         pixels = g.input("pixel_values", "float32", [1, cfg.num_channels, "height", "width"])
         rows, cols = self._grid(pixels)
@@ -199,9 +199,7 @@ class VisionGraph:
         x = self._gelu(self._linear(x, "multi_modal_projector.linear_1"))
         x = self._linear(x, "multi_modal_projector.linear_2")
         g.output(x, "image_features", self.dtype, ["image_tokens", self.text_hidden])
-        model = g.model()
-        helper.set_model_props(model, {k: str(v) for k, v in (metadata or {}).items()})
-        return model
+        return g.save(metadata)
 
 
 def export_vision(weights: Mapping[str, np.ndarray], cfg: VisionConfig, text_hidden: int, out_dir: Path,
@@ -219,8 +217,7 @@ def export_vision(weights: Mapping[str, np.ndarray], cfg: VisionConfig, text_hid
     meta = {"edge_sdk.graph": "vision", "patch_size": cfg.patch_size, "spatial_merge_size": cfg.spatial_merge_size,
             "text_hidden": text_hidden, "compute_dtype": dtype,
             "max_image_size": max_image_size if max_image_size is not None else cfg.image_size}
-    model = VisionGraph(weights, cfg, text_hidden, dtype).build(meta)
-    return save(model, Path(out_dir) / VISION_FILE)
+    return VisionGraph(weights, cfg, text_hidden, Path(out_dir) / VISION_FILE, dtype).build(meta)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -71,33 +71,61 @@ def _quant_dequant(block: int) -> Callable[[np.ndarray], np.ndarray]:
     return lambda w: quantize_int4(w, block).dequantize()
 
 
+#: Output rows the alpha ranking looks at (of the group's concatenated weights).
+RANK_ROWS = 1024
+
+
+def _fast_quant_dequant(block: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Round to nearest with scale max|w| / 7: a cheap stand-in for `quantize_int4` (whose scale
+    search tries six candidates) to rank the alphas; the winner is re-checked with the real one."""
+    def qdq(w: np.ndarray) -> np.ndarray:
+        out, n = w.shape
+        wb = w.reshape(out, n // block, block)
+        scale = (np.abs(wb).max(axis=-1, keepdims=True) / 7.0).astype(np.float16).astype(np.float32)
+        inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
+        q = np.clip(np.rint(wb * inv), -8, 7)
+        q *= scale
+        return q.reshape(out, n)
+    return qdq
+
+
 def search_scale(x: np.ndarray, weights: list[np.ndarray], block: int, grid: int = 20,
-                 quant: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, float, float, float]:
+                 quant: Callable[[np.ndarray], np.ndarray] | None = None,
+                 max_tokens: int | None = None) -> tuple[np.ndarray, float, float, float]:
     """Best per-input-channel scale for linears sharing input x [N, in].
 
-    Returns (scale [in] float32, alpha, err_rtn, err_best); errors are mean squared output errors.
-    `quant` maps a float weight to its quantize-dequantize image (default: int4 with `block`).
+    Returns (scale [in] float32, alpha, err_rtn, err_best); errors are mean squared output errors
+    under `quant` (default: the real int4 quantizer with `block`). The grid is ranked with a cheap
+    round-to-nearest stand-in (unless `quant` is given), then the best alpha is checked against
+    alpha = 0 with `quant`, so the result is never worse than plain RTN on these activations.
+    `max_tokens`: use at most this many rows of x, evenly spaced (the search's cost is linear in it).
     """
-    quant = quant or _quant_dequant(block)
+    exact = quant or _quant_dequant(block)
+    rank = quant or _fast_quant_dequant(block)
     x = np.asarray(x, dtype=np.float32).reshape(-1, weights[0].shape[1])
+    if max_tokens is not None and len(x) > max_tokens:
+        x = x[np.linspace(0, len(x) - 1, max_tokens).astype(np.int64)]
     w = np.concatenate([np.asarray(wi, dtype=np.float32) for wi in weights], axis=0)
     ref = x @ w.T
     x_mean = np.abs(x).mean(axis=0)
-    alphas = np.linspace(0.0, 1.0, grid) if grid > 1 else np.zeros(1)
-    best = None
-    err_rtn = None
-    for alpha in alphas:
+
+    def scale(alpha: float) -> np.ndarray:
         s = np.maximum(x_mean, 1e-4) ** alpha
-        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-        wq = quant(w * s[None, :]) / s[None, :]
-        err = float(np.mean(np.square(x @ wq.T - ref)))
-        if alpha == 0.0:
-            err_rtn = err
-        if best is None or err < best[2]:
-            best = (s, float(alpha), err)
-    if err_rtn is None:  # grid always starts at 0, but keep the contract explicit
-        err_rtn = float(np.mean(np.square(x @ quant(w).T - ref)))
-    return best[0], best[1], err_rtn, best[2]
+        return (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+
+    def error(alpha: float, q: Callable[[np.ndarray], np.ndarray], rows: np.ndarray | slice) -> float:
+        s = scale(alpha)
+        return float(np.mean(np.square(x @ (q(w[rows] * s[None, :]) / s[None, :]).T - ref[:, rows])))
+
+    # Ranking uses evenly spaced output rows (the error is a mean over them); the check uses all.
+    sample = np.linspace(0, len(w) - 1, min(len(w), RANK_ROWS)).astype(np.int64) if quant is None else slice(None)
+    alphas = np.linspace(0.0, 1.0, grid) if grid > 1 else np.zeros(1)
+    best = min((float(a) for a in alphas), key=lambda a: error(a, rank, sample))
+    err_rtn = error(0.0, exact, slice(None))
+    err_best = err_rtn if best == 0.0 else error(best, exact, slice(None))
+    if err_best > err_rtn:
+        best, err_best = 0.0, err_rtn
+    return scale(best), best, err_rtn, err_best
 
 
 def fold(tensors: dict[str, np.ndarray], weights: dict[str, np.ndarray], group: AwqGroup, s: np.ndarray) -> None:
@@ -113,7 +141,8 @@ def fold(tensors: dict[str, np.ndarray], weights: dict[str, np.ndarray], group: 
 
 def awq_layer(tensors: dict[str, np.ndarray], weights: dict[str, np.ndarray], cfg: TextConfig, layer: int,
               acts: dict[str, np.ndarray], block: int, grid: int = 20,
-              quant: Callable[[np.ndarray], np.ndarray] | None = None) -> list[AwqResult]:
+              quant: Callable[[np.ndarray], np.ndarray] | None = None, max_tokens: int | None = None
+              ) -> list[AwqResult]:
     """Search and fold every group of one layer, in place.
 
     `tensors` holds the norm weights, `weights` the float [out, in] weights keyed by linear name
@@ -123,7 +152,8 @@ def awq_layer(tensors: dict[str, np.ndarray], weights: dict[str, np.ndarray], cf
     results = []
     for group in layer_groups(cfg, layer):
         x = acts[group.linears[0]]
-        s, alpha, err_rtn, err_awq = search_scale(x, [weights[n] for n in group.linears], block, grid, quant)
+        s, alpha, err_rtn, err_awq = search_scale(x, [weights[n] for n in group.linears], block, grid, quant,
+                                                  max_tokens)
         fold(tensors, weights, group, s)
         results.append(AwqResult(group, s, alpha, err_rtn, err_awq))
     return results

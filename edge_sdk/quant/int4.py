@@ -42,13 +42,18 @@ class Int4Linear:
 
     def dequantize(self) -> np.ndarray:
         """float32 [out, in]."""
-        out, n = self.q.shape
-        qb = self.q.reshape(out, n // self.block, self.block).astype(np.float32)
-        return (qb * self.scales.astype(np.float32)[:, :, None]).reshape(out, n)
+        return dequantize_blocks(self.q, self.scales, self.block)
 
     def pack(self) -> np.ndarray:
         """uint8 [out, in // 2]: ONNX int4 packing, element 2k in the low nibble of byte k."""
         return pack_int4(self.q)
+
+
+def dequantize_blocks(q: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:
+    """codes [out, in] * per-block scales [out, in // block] -> float32 [out, in], one allocation."""
+    out, n = q.shape
+    qb = q.reshape(out, n // block, block)
+    return np.multiply(qb, scales.astype(np.float32)[:, :, None], dtype=np.float32).reshape(out, n)
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:
@@ -58,8 +63,8 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
         raise ValueError(f"cannot pack int4 values of shape {q.shape}: last dimension must be even")
     if q.size and (q.min() < INT4_MIN or q.max() > INT4_MAX):
         raise ValueError("int4 values must lie in [-8, 7]")
-    u = (q.astype(np.int16) & 0xF).astype(np.uint8)
-    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    u = q.astype(np.int8, copy=False).view(np.uint8)  # two's complement: the low nibble is the code
+    return (u[..., 0::2] & 0xF) | (u[..., 1::2] << 4)
 
 
 def unpack_int4(packed: np.ndarray) -> np.ndarray:
@@ -116,25 +121,29 @@ def quantize_int4(w: np.ndarray, block: int) -> Int4Linear:
         raise ValueError(f"weight of shape {w.shape}: input dimension {n} is not a multiple of the "
                          f"int4 block size {block}")
     wb = w.reshape(out, n // block, block)
-    chunks = _row_chunks(out, wb.size)
+    q = np.empty((out, n), np.int8)
+    scales = np.empty((out, n // block), np.float16)
+
+    def run(r):  # one bounded slice of rows: its temporaries are a few times the slice, not the matrix
+        scale = _choose_scales(wb[r[0]:r[1]])
+        q[r[0]:r[1]] = _codes(wb[r[0]:r[1]], scale).astype(np.int8).reshape(r[1] - r[0], n)
+        scales[r[0]:r[1]] = scale[..., 0].astype(np.float16)
+
+    chunks = _row_chunks(out, n)
     if len(chunks) == 1:
-        scale = _choose_scales(wb)
-    else:  # NumPy ufuncs release the GIL: quantize row ranges on several cores
-        scale = np.empty((out, n // block, 1), np.float32)
-
-        def run(r):
-            scale[r[0]:r[1]] = _choose_scales(wb[r[0]:r[1]])
-
-        with ThreadPoolExecutor(len(chunks)) as pool:
+        run(chunks[0])
+    else:  # NumPy ufuncs release the GIL: slices run on several cores
+        with ThreadPoolExecutor(min(_THREADS, len(chunks))) as pool:
             list(pool.map(run, chunks))
-    q = _codes(wb, scale).astype(np.int8).reshape(out, n)
-    return Int4Linear(q=q, scales=scale[..., 0].astype(np.float16), block=block)
+    return Int4Linear(q=q, scales=scales, block=block)
 
 
 _THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
-def _row_chunks(rows: int, size: int) -> list[tuple[int, int]]:
-    n = _THREADS if size >= (1 << 20) else 1
+def _row_chunks(rows: int, cols: int, max_elems: int = 1 << 22) -> list[tuple[int, int]]:
+    """Row ranges of at most ``max_elems`` elements each (several when there is work for threads)."""
+    size = rows * cols
+    n = max(_THREADS if size >= (1 << 20) else 1, -(-size // max_elems))
     step = -(-rows // n)
     return [(i, min(i + step, rows)) for i in range(0, rows, step)]

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .int4 import dequantize_blocks
+
 
 @dataclass
 class Int8Linear:
@@ -22,9 +24,7 @@ class Int8Linear:
         return tuple(self.q.shape)
 
     def dequantize(self) -> np.ndarray:
-        out, n = self.q.shape
-        qb = self.q.reshape(out, n // self.block, self.block).astype(np.float32)
-        return (qb * self.scales.astype(np.float32)[:, :, None]).reshape(out, n)
+        return dequantize_blocks(self.q, self.scales, self.block)
 
 
 def quantize_int8(w: np.ndarray, block: int) -> Int8Linear:

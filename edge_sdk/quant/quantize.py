@@ -174,9 +174,15 @@ def calibration_ids(recipe: QuantRecipe, vocab_size: int,
 
 class _StreamingFloatWeights(FloatWeights):
     """FloatWeights without the cache: calibration reads each tensor once, and caching a 14B
-    model in float32 would take ~54 GB."""
+    model in float32 would take ~54 GB. The embedding and head already loaded are reused."""
+
+    def __init__(self, checkpoint, loaded: dict[str, np.ndarray]):
+        super().__init__(checkpoint)
+        self.loaded = {k: loaded[k] for k in ("embed_tokens.weight", "lm_head.weight")}
 
     def tensor(self, name: str) -> np.ndarray:
+        if name in self.loaded:
+            return self.loaded[name]
         return self.checkpoint.lm_head() if name == "lm_head.weight" else self.checkpoint.get(name)
 
 
@@ -242,7 +248,8 @@ def quantize(ckpt: Checkpoint, recipe: QuantRecipe, encode: Callable[[str], list
             return
         alphas: dict[str, float] = {}
         if recipe.awq:
-            for res in awq_layer(tensors, weights, cfg, layer, acts, recipe.block_size, recipe.awq_grid):
+            for res in awq_layer(tensors, weights, cfg, layer, acts, recipe.block_size, recipe.awq_grid,
+                                 max_tokens=recipe.awq_tokens):
                 alphas.update({n: res.alpha for n in res.group.linears})
         for name in names:
             lin = quantize_int4(weights[name], recipe.block_size)
@@ -279,7 +286,7 @@ def quantize(ckpt: Checkpoint, recipe: QuantRecipe, encode: Callable[[str], list
                         raise _CalibrationDone
 
             try:
-                ministral3.forward(_StreamingFloatWeights(ckpt), cfg, ids, capture=capture)
+                ministral3.forward(_StreamingFloatWeights(ckpt, tensors), cfg, ids, capture=capture)
             except _CalibrationDone:
                 pass
         else:
@@ -293,6 +300,7 @@ def quantize(ckpt: Checkpoint, recipe: QuantRecipe, encode: Callable[[str], list
         r = head_report[0]
         head = r.quantized
         embedding = head if tied else quantize_head(tensors["embed_tokens.weight"], r.format, recipe.block_size)
+        tensors["lm_head.weight"] = tensors["embed_tokens.weight"] = None  # free the float tables first
         tensors["lm_head.weight"] = head.dequantize()
         tensors["embed_tokens.weight"] = tensors["lm_head.weight"] if tied else embedding.dequantize()
         log.info("%s head: weight SQNR %.2f dB; on %d calibration tokens top-1 agreement %.3f with the float "
@@ -324,21 +332,34 @@ def choose_head(w_float: np.ndarray, hidden: np.ndarray, recipe: QuantRecipe) ->
 
 
 def measure_head(w_float: np.ndarray, head: Int4Linear | Int8Linear, hidden: np.ndarray, fmt: str,
-                 chunk: int = 64) -> HeadReport:
-    """Float head vs INT4 head on final hidden states [N, hidden] (in chunks: N x vocab logits)."""
-    wq = head.dequantize()
-    agree, max_err, abs_err, sq_sum, total_sum, n = 0, 0.0, 0.0, 0.0, 0.0, 0
-    for i in range(0, len(hidden), chunk):
-        x = hidden[i:i + chunk]
-        ref, got = x @ w_float.T, x @ wq.T
-        agree += int(np.sum(ref.argmax(-1) == got.argmax(-1)))
+                 rows: int = 8192) -> HeadReport:
+    """Float head vs quantized head on final hidden states [N, hidden], a slice of the vocabulary
+    at a time (so no second float copy of the head is ever made)."""
+    n = len(hidden)
+    best_ref = np.full(n, -np.inf, np.float32)
+    best_got = np.full(n, -np.inf, np.float32)
+    arg_ref = np.zeros(n, np.int64)
+    arg_got = np.zeros(n, np.int64)
+    max_err = abs_err = sq_sum = total_sum = 0.0
+    err_sq = sig_sq = 0.0
+    for r0 in range(0, w_float.shape[0], rows):
+        wf = np.asarray(w_float[r0:r0 + rows], dtype=np.float32)
+        wq = type(head)(q=head.q[r0:r0 + rows], scales=head.scales[r0:r0 + rows], block=head.block).dequantize()
+        err_sq += float(np.sum(np.square(wf - wq, dtype=np.float64)))
+        sig_sq += float(np.sum(np.square(wf, dtype=np.float64)))
+        ref, got = hidden @ wf.T, hidden @ wq.T
+        for logits, best, arg in ((ref, best_ref, arg_ref), (got, best_got, arg_got)):
+            i = logits.argmax(-1)
+            v = logits[np.arange(n), i]
+            better = v > best
+            best[better], arg[better] = v[better], r0 + i[better]
         err = np.abs(got - ref)
         max_err = max(max_err, float(err.max()))
         abs_err += float(err.sum())
         sq_sum += float(np.square(ref, dtype=np.float64).sum())
         total_sum += float(ref.sum(dtype=np.float64))
-        n += ref.size
-    std = math.sqrt(max(sq_sum / n - (total_sum / n) ** 2, 1e-30))
-    return HeadReport(format=fmt, tokens=len(hidden), sqnr_db=sqnr_db(w_float, wq),
-                      top1_agreement=agree / len(hidden), max_abs_logit_error=max_err,
-                      rel_logit_error=abs_err / n / std, quantized=head)
+    count = n * w_float.shape[0]
+    std = math.sqrt(max(sq_sum / count - (total_sum / count) ** 2, 1e-30))
+    sqnr = math.inf if err_sq == 0 else 10.0 * math.log10(sig_sq / err_sq)
+    return HeadReport(format=fmt, tokens=n, sqnr_db=sqnr, top1_agreement=float(np.mean(arg_ref == arg_got)),
+                      max_abs_logit_error=max_err, rel_logit_error=abs_err / count / std, quantized=head)

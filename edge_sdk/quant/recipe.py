@@ -12,6 +12,8 @@ The recipe goes into the engine manifest, so a package says exactly how its weig
 - ``awq``: search per-input-channel scales on calibration activations (int4 only; ignored for
   fp8/none). ``awq_grid``: number of exponents alpha tried, evenly spaced over [0, 1]
   (alpha = 0 is plain round-to-nearest, so AWQ never does worse than RTN on the calibration set).
+  ``awq_tokens``: calibration tokens the search evaluates each alpha on (evenly spaced; the
+  search's time is linear in it).
 - ``head``: the LM head (and with it the token embeddings) for ``int4``. With a 131k vocabulary the
   head is most of the bytes a decode step reads. ``"int4"`` (block-wise, round to nearest, like the
   linears), ``"int8"`` (block-wise, twice the bytes, near-float quality), ``"float"``, or
@@ -40,6 +42,7 @@ class QuantRecipe(BaseModel):
     block_size: Literal[32, 64, 128] = 128
     awq: bool = True
     awq_grid: int = Field(default=20, ge=1)
+    awq_tokens: int = Field(default=128, ge=1)
     head: Literal["auto", "int4", "int8", "float"] = "auto"
     fp8_granularity: Literal["tensor", "channel"] = "tensor"
     calibration_file: str | None = None
