@@ -2,6 +2,7 @@
 #   make demo   build a tiny Ministral 3 into an INT4 engine package and serve it over a local mosquitto
 #   make test   run the test suite
 #   make serve  the device set-up locally: mosquitto with devices/mosquitto's config + the daemon on the demo package
+#   make bench-peers [LAYERS=6]  CPU decode vs llama.cpp and ONNX Runtime GenAI on the same weights (slow: builds the peers)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -9,7 +10,7 @@ PY     := $(VENV)/bin/python
 SYSTEM_PACKAGES := mosquitto mosquitto-clients libmosquitto-dev gcc
 DEMO_DIR := engines/demo
 
-.PHONY: demo test serve system-deps install clean
+.PHONY: demo test serve bench-peers system-deps install clean
 
 # Debian packages: the broker the daemon talks to, and libmosquitto for the C firmware example.
 system-deps:
@@ -43,5 +44,21 @@ serve: install $(DEMO_DIR)/int4-cpu/manifest.json
 test: install
 	$(PY) -m pytest -q
 
+# The peers live in their own environment (their builds pull other versions of ONNX Runtime and
+# friends); llama.cpp is compiled with portable flags (AVX2/FMA/F16C, no -march=native).
+PEERS := .venv-peers
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+
+$(PEERS)/.installed:
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q --upgrade pip
+	$(PEERS)/bin/python -m pip install -q 'numpy<2.4' torch==2.13.0 'transformers>=5,<6' sentencepiece safetensors \
+		'mistral-common>=1.8' onnxruntime-genai
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PEERS)/bin/python -m pip install -q llama-cpp-python==0.3.36
+	touch $@
+
+bench-peers: install $(PEERS)/.installed
+	$(PY) benchmarks/peer_bench.py --layers $(or $(LAYERS),6) --peers-python $(PEERS)/bin/python
+
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) $(PEERS) $(DEMO_DIR) .pytest_cache

@@ -75,9 +75,8 @@ def build(checkpoint: str | Path, recipe: QuantRecipe, device: str = "cpu", out:
     cfg = ckpt.config
     dtype = profile.compute_dtype
     decoder = export_decoder(cfg.text, quantized.tensors, quantized.linears, out_dir, dtype, head=quantized.head)
-    tied = cfg.text.tie_word_embeddings or quantized.tensors["lm_head.weight"] is quantized.tensors["embed_tokens.weight"]
     table = quantized.embedding if quantized.embedding is not None else quantized.tensors["embed_tokens.weight"]
-    export_embedding(table, out_dir, dtype, tied_to=decoder if tied else None)
+    export_embedding(table, out_dir, dtype, tied_to=decoder if quantized.tied else None)
     graphs = {"embed": graph_entry(out_dir, "embed.onnx"), "decoder": graph_entry(out_dir, "decoder.onnx")}
     if cfg.vision is not None:
         from .export.vision import export_vision

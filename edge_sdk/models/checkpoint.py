@@ -138,7 +138,11 @@ class Checkpoint:
 
     def get(self, name: str) -> np.ndarray:
         """The tensor as float32, with FP8 linears dequantized (W = W_fp8 * weight_scale)."""
-        t = np.asarray(self.raw(name), dtype=np.float32)
+        stored = self.raw(name)
+        t = np.asarray(stored, dtype=np.float32)
+        if t is not stored and not np.shares_memory(t, stored):  # converted into a copy: drop the file pages
+            file, key = self._tensors[name]
+            file.release(key)
         if name.endswith(".weight") and self.is_fp8(name[: -len(".weight")]):
             scale = np.asarray(self.raw(name[: -len(".weight")] + ".weight_scale"), dtype=np.float32)
             t = t * (scale.reshape(-1, 1) if scale.size > 1 else scale.reshape(()))

@@ -9,6 +9,7 @@ and a 14B checkpoint never needs twice its size in RAM.
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from pathlib import Path
 
@@ -56,6 +57,19 @@ class SafetensorsFile:
 
     def keys(self) -> list[str]:
         return list(self._entries)
+
+    def release(self, name: str) -> None:
+        """Tell the kernel the pages of tensor ``name`` are not needed any more (after the caller
+        converted it into its own array): they stop counting towards this process's RSS."""
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        begin, end = self._entries[name]["data_offsets"]
+        start = (self._data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        stop = self._data_start + end
+        try:
+            self._map._mmap.madvise(mmap.MADV_DONTNEED, start, stop - start)
+        except (AttributeError, OSError, ValueError):  # not an mmap-backed view: nothing to drop
+            pass
 
     def tensor(self, name: str) -> np.ndarray:
         entry = self._entries[name]

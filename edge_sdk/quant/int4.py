@@ -129,7 +129,7 @@ def quantize_int4(w: np.ndarray, block: int) -> Int4Linear:
         q[r[0]:r[1]] = _codes(wb[r[0]:r[1]], scale).astype(np.int8).reshape(r[1] - r[0], n)
         scales[r[0]:r[1]] = scale[..., 0].astype(np.float16)
 
-    chunks = _row_chunks(out, n)
+    chunks = row_chunks(out, n)
     if len(chunks) == 1:
         run(chunks[0])
     else:  # NumPy ufuncs release the GIL: slices run on several cores
@@ -141,7 +141,7 @@ def quantize_int4(w: np.ndarray, block: int) -> Int4Linear:
 _THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
-def _row_chunks(rows: int, cols: int, max_elems: int = 1 << 22) -> list[tuple[int, int]]:
+def row_chunks(rows: int, cols: int, max_elems: int = 1 << 22) -> list[tuple[int, int]]:
     """Row ranges of at most ``max_elems`` elements each (several when there is work for threads)."""
     size = rows * cols
     n = max(_THREADS if size >= (1 << 20) else 1, -(-size // max_elems))

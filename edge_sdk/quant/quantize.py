@@ -76,7 +76,8 @@ class QuantizedModel:
 
     def __init__(self, config: ModelConfig, recipe: QuantRecipe, tensors: dict[str, np.ndarray],
                  linears: dict[str, Linear], report: list[LayerReport], head: Int4Linear | Int8Linear | None = None,
-                 embedding: Int4Linear | Int8Linear | None = None, head_report: HeadReport | None = None):
+                 embedding: Int4Linear | Int8Linear | None = None, head_report: HeadReport | None = None,
+                 tied: bool = False):
         self.config = config
         self.recipe = recipe
         self.tensors = tensors
@@ -85,6 +86,7 @@ class QuantizedModel:
         self.head = head
         self.embedding = embedding
         self.head_report = head_report
+        self.tied = tied  # the head is the embedding table
 
     def tensor(self, name: str) -> np.ndarray:
         return self.tensors[name]
@@ -300,14 +302,43 @@ def quantize(ckpt: Checkpoint, recipe: QuantRecipe, encode: Callable[[str], list
         r = head_report[0]
         head = r.quantized
         embedding = head if tied else quantize_head(tensors["embed_tokens.weight"], r.format, recipe.block_size)
-        tensors["lm_head.weight"] = tensors["embed_tokens.weight"] = None  # free the float tables first
-        tensors["lm_head.weight"] = head.dequantize()
-        tensors["embed_tokens.weight"] = tensors["lm_head.weight"] if tied else embedding.dequantize()
+        # The float tables go; their dequantized images are made only if the reference asks.
+        tensors = _DequantizedOnUse(tensors, {"lm_head.weight": head, "embed_tokens.weight": embedding})
         log.info("%s head: weight SQNR %.2f dB; on %d calibration tokens top-1 agreement %.3f with the float "
                  "head, logit error mean %.3f std, max %.3g%s", r.format, r.sqnr_db, r.tokens, r.top1_agreement,
                  r.rel_logit_error, r.max_abs_logit_error, f" ({r.why})" if r.why else "")
     return QuantizedModel(ckpt.config, recipe, tensors, linears, report, head=head, embedding=embedding,
-                          head_report=head_report[0] if head_report else None)
+                          head_report=head_report[0] if head_report else None, tied=tied)
+
+
+class _DequantizedOnUse(dict):
+    """``tensors`` whose quantized entries are dequantized (once) when first read: the reference
+    forward reads them, the build never does, and for a 3B model each is 1.6 GB of float32.
+    Entries quantized as the same object (a tied head) give the same array."""
+
+    def __init__(self, tensors: dict, quantized: dict):
+        super().__init__({**tensors, **{k: None for k in quantized}})
+        self._pending = dict(quantized)
+
+    def __getitem__(self, name):
+        if name in self._pending:
+            q = self._pending.pop(name)
+            same = next((k for k, v in self._pending.items() if v is q), None)
+            value = q.dequantize()
+            super().__setitem__(name, value)
+            if same is not None:
+                del self._pending[same]
+                super().__setitem__(same, value)
+        return super().__getitem__(name)
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+    def values(self):
+        return [self[k] for k in self]
+
+    def items(self):
+        return [(k, self[k]) for k in self]
 
 
 #: ``head="auto"`` keeps INT4 when at least this fraction of calibration positions get the same
