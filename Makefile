@@ -53,7 +53,7 @@ $(PEERS)/.installed:
 	$(PYTHON) -m venv $(PEERS)
 	$(PEERS)/bin/python -m pip install -q --upgrade pip
 	$(PEERS)/bin/python -m pip install -q 'numpy<2.4' torch==2.13.0 'transformers>=5,<6' sentencepiece safetensors \
-		'mistral-common>=1.8' onnxruntime-genai
+		'mistral-common>=1.8' onnxruntime-genai onnxruntime onnx onnx-ir
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PEERS)/bin/python -m pip install -q llama-cpp-python==0.3.36
 	touch $@
 

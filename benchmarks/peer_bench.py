@@ -35,7 +35,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(hidden=3072, intermediate=9216, heads=32, kv_heads=8, head_dim=128, vocab=131072, tie=True,
              original_max=16384)
-SYSTEMS = ("edge_sdk", "llama.cpp Q4_0", "ORT GenAI INT4")
 
 
 def log(msg: str) -> None:
@@ -60,19 +59,20 @@ def make_checkpoint(work: Path, layers: int, python: str) -> Path:
     return ckpt
 
 
-def build_edge_sdk(work: Path, ckpt: Path, edge_sdk: str, context: int) -> tuple[Path, dict]:
-    pkg = work / f"{ckpt.name}-edge-int4"
+def build_edge_sdk(work: Path, ckpt: Path, edge_sdk: str, context: int, head: str = "auto") -> tuple[Path, dict]:
+    pkg = work / (f"{ckpt.name}-edge-int4" + ("" if head == "auto" else f"-head-{head}"))
     stats_file = work / f"{pkg.name}.build.json"
     if not (pkg / "manifest.json").exists():
-        log("edge-sdk build --quant int4")
+        log(f"edge-sdk build --quant int4 --head {head}")
         t0 = time.monotonic()
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        subprocess.run([edge_sdk, "build", str(ckpt), "--quant", "int4", "--device", "cpu", "-o", str(pkg),
-                        "--context", str(context), "-q"], check=True, stdout=subprocess.DEVNULL)
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        stats_file.write_text(json.dumps({"build_s": time.monotonic() - t0,
-                                          "build_peak_rss_gb": max(peak, before) / 1e6}))
-    return pkg, json.loads(stats_file.read_text()) if stats_file.exists() else {}
+        out = subprocess.run(["/usr/bin/time", "-f", "%M", edge_sdk, "build", str(ckpt), "--quant", "int4", "--device",
+                              "cpu", "-o", str(pkg), "--context", str(context), "--head", head, "-q"],
+                             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        peak_kb = int(out.stderr.strip().splitlines()[-1])
+        stats_file.write_text(json.dumps({"build_s": time.monotonic() - t0, "build_peak_rss_gb": peak_kb / 1e6}))
+    build = json.loads(stats_file.read_text())
+    build["head"] = json.loads((pkg / "manifest.json").read_text())["extra"].get("head_report", {}).get("format")
+    return pkg, build
 
 
 def build_gguf(work: Path, ckpt: Path, peers: str) -> Path | None:
@@ -88,6 +88,7 @@ def build_gguf(work: Path, ckpt: Path, peers: str) -> Path | None:
         code = ("import sys; from transformers.integrations.mistral import convert_tekken_tokenizer; "
                 "convert_tekken_tokenizer(sys.argv[1] + '/tekken.json').save_pretrained(sys.argv[1])")
         subprocess.run([peers, "-c", code, str(hf)], check=True)
+        (hf / "tekken.json").unlink()  # else transformers loads mistral-common's tokenizer, which the converter cannot read
     f16 = work / f"{ckpt.name}-f16.gguf"
     log("llama.cpp: convert_hf_to_gguf.py")
     subprocess.run([peers, str(convert), str(hf), "--outtype", "f16", "--outfile", str(f16)], check=True,
@@ -147,7 +148,7 @@ def build_ort_genai(work: Path, ckpt: Path, peers: str, threads: int) -> Path | 
 
 def worker(system: str, model: str, prompt_len: int, new_tokens: int, threads: int) -> dict:
     ids = prompt_ids(prompt_len)
-    run = {"edge_sdk": _run_edge_sdk, "llama.cpp Q4_0": _run_llama_cpp, "ORT GenAI INT4": _run_ort_genai}[system]
+    run = {"llama.cpp Q4_0": _run_llama_cpp, "ORT GenAI INT4": _run_ort_genai}.get(system, _run_edge_sdk)
     t_first, t_end = run(model, ids, new_tokens, threads)
     return {"ttft_ms": t_first * 1000, "prefill_tok_s": prompt_len / t_first,
             "decode_tok_s": (new_tokens - 1) / (t_end - t_first),
@@ -234,6 +235,8 @@ def main() -> int:
     p.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"), help="edge_sdk's interpreter")
     p.add_argument("--peers-python", default=str(ROOT / ".venv-peers" / "bin" / "python"),
                    help="the interpreter with llama-cpp-python and onnxruntime-genai")
+    p.add_argument("--edge-heads", nargs="*", default=["int4"], choices=["int4", "int8", "float"],
+                   help="also run edge_sdk builds with the LM head forced to these (the main row is --head auto)")
     p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -247,6 +250,8 @@ def main() -> int:
     max_ctx = max([a.prompt_tokens, *a.contexts]) + a.new_tokens + 64
     pkg, build = build_edge_sdk(a.work, ckpt, edge, max_ctx)
     models = {"edge_sdk": (a.python, pkg)}
+    for head in a.edge_heads:  # variants: the same build with the head forced
+        models[f"edge_sdk, {head} head"] = (a.python, build_edge_sdk(a.work, ckpt, edge, max_ctx, head)[0])
     gguf = build_gguf(a.work, ckpt, a.peers_python)
     if gguf is not None:
         models["llama.cpp Q4_0"] = (a.peers_python, gguf)
@@ -271,10 +276,10 @@ def main() -> int:
     ref = "edge_sdk"
     print(f"\n{a.layers} layers of Ministral-3-3B shapes, {a.prompt_tokens} prompt tokens, {a.new_tokens} greedy new "
           f"tokens, {a.threads} threads, medians of {a.rounds} interleaved rounds; memory bandwidth {bandwidth:.1f} GB/s")
-    if build:
-        print(f"edge-sdk build: {build['build_s']:.0f} s, peak RSS {build['build_peak_rss_gb']:.2f} GB")
-    print(f"\n| system | weights | decode tok/s | prefill tok/s | TTFT ms | peak RSS | decode of roofline | "
-          f"decode vs edge_sdk | prefill vs edge_sdk |")
+    print(f"edge-sdk build: {build['build_s']:.0f} s, peak RSS {build['build_peak_rss_gb']:.2f} GB "
+          f"(head chosen by --head auto: {build['head']})")
+    print("\n| system | weights | decode tok/s | prefill tok/s | TTFT ms | peak RSS | decode of roofline | "
+          "decode vs edge_sdk | prefill vs edge_sdk |")
     print("|---|---|---|---|---|---|---|---|---|")
     for system, (_, model) in models.items():
         wb = weight_bytes(system, model)

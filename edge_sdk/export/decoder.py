@@ -145,7 +145,9 @@ class DecoderGraph:
         g, cfg = self.g, self.cfg
         groups = cfg.num_heads // cfg.num_kv_heads
         qg = g.op("Reshape", q, g.const([0, cfg.num_kv_heads, groups, -1, cfg.head_dim]))
-        kt = g.op("Unsqueeze", g.op("Transpose", k, perm=[0, 1, 3, 2]), g.const([2]))
+        # Unsqueeze first: a Transpose of the last two axes straight into MatMul is folded into the
+        # MatMul by ONNX Runtime (and TensorRT), instead of copying the whole key cache every step.
+        kt = g.op("Transpose", g.op("Unsqueeze", k, g.const([2])), perm=[0, 1, 2, 4, 3])
         scores = g.op("Add", self._to_f32(g.op("MatMul", qg, kt)), mask)  # softmax in fp32
         probs = self._to_compute(g.op("Softmax", scores, axis=-1))
         out = g.op("MatMul", probs, g.op("Unsqueeze", v, g.const([2])))  # [B, KV, G, S, D]

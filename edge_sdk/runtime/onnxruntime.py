@@ -23,9 +23,10 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 @dataclass
 class OrtCache:
-    """Per-layer past keys/values as host arrays [1, kv_heads, length, head_dim]."""
+    """Per-layer past keys/values [1, kv_heads, length, head_dim], as ONNX Runtime's own values:
+    one step's presents are bound as the next step's pasts, never copied out to NumPy."""
 
-    arrays: dict[str, np.ndarray]
+    values: dict[str, object]
 
 
 class OnnxRuntimeBackend:
@@ -60,19 +61,25 @@ class OnnxRuntimeBackend:
         return self.embeddings.lookup(ids)
 
     def new_cache(self) -> OrtCache:
+        import onnxruntime as ort
+
         empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
-        return OrtCache({name: empty for name in self.cache_names})
+        return OrtCache({name: ort.OrtValue.ortvalue_from_numpy(empty) for name in self.cache_names})
 
     def forward(self, embeds: np.ndarray, position_ids: np.ndarray, cache: OrtCache) -> tuple[np.ndarray, OrtCache]:
-        feeds = {
-            "inputs_embeds": np.asarray(embeds, dtype=self.dtype).reshape(1, -1, embeds.shape[-1]),
-            "position_ids": np.asarray(position_ids, dtype=np.int64).reshape(1, -1),
-            **cache.arrays,
-        }
-        outputs = self.sessions["decoder"].run(self.output_names, feeds)
+        session = self.sessions["decoder"]
+        binding = session.io_binding()
+        binding.bind_cpu_input("inputs_embeds", np.asarray(embeds, dtype=self.dtype).reshape(1, -1, embeds.shape[-1]))
+        binding.bind_cpu_input("position_ids", np.asarray(position_ids, dtype=np.int64).reshape(1, -1))
+        for name, value in cache.values.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
         presents = {name.replace("present_", "past_"): value
                     for name, value in zip(self.output_names[1:], outputs[1:])}
-        return outputs[0][0], OrtCache(presents)
+        return outputs[0].numpy()[0], OrtCache(presents)
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         if "vision" not in self.sessions:
