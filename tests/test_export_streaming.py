@@ -27,7 +27,7 @@ def test_weights_go_to_disk_as_they_are_added(tmp_path):
     assert offsets and all(o % 4096 == 0 for o in offsets)
     xin = np.ones((1, 64), np.float32)
     y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": xin})[0]
-    np.testing.assert_allclose(y, xin @ big * 3.0, rtol=1e-5)
+    np.testing.assert_allclose(y, xin @ big * 3.0, rtol=1e-5, atol=1e-4)  # summation order
 
 
 def test_a_graph_without_large_weights_has_no_data_file(tmp_path):
