@@ -29,8 +29,9 @@ _DIVISORS = (7.0, 7.5, 8.0, 8.5, 9.0)
 
 
 @dataclass
-class Int4Linear:
-    """A quantized linear: ``q`` int8 [out, in] in [-8, 7], ``scales`` float16 [out, in // block]."""
+class BlockQuantized:
+    """A block-quantized linear: integer codes ``q`` [out, in] and float16 ``scales`` [out, in //
+    block], W ~= q * scale of its block (int4 here, int8 in int8.py)."""
 
     q: np.ndarray
     scales: np.ndarray
@@ -43,6 +44,11 @@ class Int4Linear:
     def dequantize(self) -> np.ndarray:
         """float32 [out, in]."""
         return dequantize_blocks(self.q, self.scales, self.block)
+
+
+@dataclass
+class Int4Linear(BlockQuantized):
+    """``q`` int8 in [-8, 7]."""
 
     def pack(self) -> np.ndarray:
         """uint8 [out, in // 2]: ONNX int4 packing, element 2k in the low nibble of byte k."""

@@ -8,23 +8,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .int4 import row_chunks, dequantize_blocks
+from .int4 import BlockQuantized, row_chunks
 
 
 @dataclass
-class Int8Linear:
-    """``q`` int8 [out, in] in [-127, 127], ``scales`` float16 [out, in // block]."""
-
-    q: np.ndarray
-    scales: np.ndarray
-    block: int
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)
-
-    def dequantize(self) -> np.ndarray:
-        return dequantize_blocks(self.q, self.scales, self.block)
+class Int8Linear(BlockQuantized):
+    """``q`` int8 in [-127, 127]."""
 
 
 def quantize_int8(w: np.ndarray, block: int) -> Int8Linear:
