@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -152,7 +151,14 @@ def worker(system: str, model: str, prompt_len: int, new_tokens: int, threads: i
     t_first, t_end = run(model, ids, new_tokens, threads)
     return {"ttft_ms": t_first * 1000, "prefill_tok_s": prompt_len / t_first,
             "decode_tok_s": (new_tokens - 1) / (t_end - t_first),
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+            "peak_rss_gb": _peak_rss_kb() / 1e6}
+
+
+def _peak_rss_kb() -> int:
+    """This process image's peak RSS (VmHWM: unlike getrusage's ru_maxrss, it starts afresh at
+    exec, so the parent's memory at fork time does not count)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
 def _run_edge_sdk(model: str, ids: list[int], n: int, threads: int) -> tuple[float, float]:

@@ -11,6 +11,8 @@ Linears come out in one of three forms, chosen by what the quantizer produced:
   this into MatMulNBits; TensorRT into its INT4 weight-only GEMM);
 - FP8: `QuantizeLinear/DequantizeLinear(x)` in float8e4m3fn with the static input scale, and
   `DequantizeLinear(fp8 W^T, weight_scale)` -> `MatMul`.
+Linears that share an input (q/k/v, gate/up) are one MatMul over their weights side by side and a
+Split, when they are float or INT4 (FP8 ones each keep their input scale).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from onnx import TensorProto, helper
 from ..models.config import TextConfig
 from ..models.ministral3 import LINEARS
 from ..quant.int4 import pack_int4
+from ..quant.int4 import Int4Linear
 from ..quant.int8 import Int8Linear
 from .onnx_builder import GraphBuilder
 
@@ -96,6 +99,24 @@ class DecoderGraph:
         w_scale = g.weight(ws.reshape(ws.shape if ws.size > 1 else ()), f"{name}.weight_scale")
         wdq = g.op("DequantizeLinear", wq, w_scale, axis=1) if ws.size > 1 else g.op("DequantizeLinear", wq, w_scale)
         return g.op("MatMul", xdq, wdq)
+
+    def _linears(self, x: str, names: list[str]) -> list[str]:
+        """Linears that share the input ``x``. INT4 (or float) ones with one block size become one
+        MatMul over their weights side by side, then a Split: a decode step then streams one weight
+        matrix instead of several (fewer, longer GEMVs). FP8 ones keep their own input scales."""
+        lins = [self.linears[n] for n in names]
+        same_kind = all(isinstance(lin, Int4Linear) for lin in lins) and len({lin.block for lin in lins}) == 1
+        if not (same_kind or all(isinstance(lin, np.ndarray) for lin in lins)):
+            return [self._linear(x, n) for n in names]
+        if same_kind:
+            fused = Int4Linear(q=np.concatenate([lin.q for lin in lins]),
+                               scales=np.concatenate([lin.scales for lin in lins]), block=lins[0].block)
+        else:
+            fused = np.concatenate(lins)
+        name = names[0].rsplit(".", 1)[0] + "." + "_".join(n.rsplit(".", 1)[1].replace("_proj", "") for n in names)
+        out = self._linear(x, name, fused)
+        sizes = self.g.const([lin.shape[0] for lin in lins])
+        return self.g.ops("Split", out, sizes, n_outputs=len(names), axis=-1)
 
     def _rope_tables(self, position_ids: str) -> tuple[str, str, str]:
         """cos, sin [B, 1, S, D] and the query scale [B, 1, S, 1], computed from position ids in fp32."""
@@ -171,16 +192,16 @@ class DecoderGraph:
         for i, (past_k, past_v) in enumerate(pasts):
             p = f"layers.{i}."
             x = self._rms_norm(h, p + "input_layernorm.weight")
-            q = self._rope(self._heads(self._linear(x, p + "self_attn.q_proj"), cfg.num_heads), cos, sin)
-            q = g.op("Mul", q, qscale)
-            k = self._rope(self._heads(self._linear(x, p + "self_attn.k_proj"), cfg.num_kv_heads), cos, sin)
-            v = self._heads(self._linear(x, p + "self_attn.v_proj"), cfg.num_kv_heads)
+            q, k, v = self._linears(x, [p + f"self_attn.{n}_proj" for n in "qkv"])
+            q = g.op("Mul", self._rope(self._heads(q, cfg.num_heads), cos, sin), qscale)
+            k = self._rope(self._heads(k, cfg.num_kv_heads), cos, sin)
+            v = self._heads(v, cfg.num_kv_heads)
             k = g.op("Concat", past_k, k, axis=2, name=f"present_key.{i}")
             v = g.op("Concat", past_v, v, axis=2, name=f"present_value.{i}")
             h = g.op("Add", h, self._linear(self._attention(q, k, v, mask), p + "self_attn.o_proj"))
             x = self._rms_norm(h, p + "post_attention_layernorm.weight")
-            gate = self._linear(x, p + "mlp.gate_proj")
-            act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), self._linear(x, p + "mlp.up_proj"))
+            gate, up = self._linears(x, [p + "mlp.gate_proj", p + "mlp.up_proj"])
+            act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
             h = g.op("Add", h, self._linear(act, p + "mlp.down_proj"))
         last = g.op("Gather", h, g.op("Sub", seq_len, g.const(1)), axis=1)  # [B, H]: only the last token
         last = self._rms_norm(last, "norm.weight")

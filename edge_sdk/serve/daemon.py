@@ -30,7 +30,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 import edge_sdk
 from edge_sdk.mqtt_common import make_client
-from edge_sdk.protocol.models import OPS, Accepted, Capabilities, CancelRequest, ChatRequest, Health, WatchRegistered
+from edge_sdk.protocol.models import (OPS, Accepted, CancelRequest, Capabilities, ChatRequest, Health, SnapshotRequest,
+                                      WatchCancelRequest, WatchRegistered, WatchRequest)
 from edge_sdk.protocol.topics import SCHEMA_VERSION, Topics
 from edge_sdk.serve.admission import Admission
 from edge_sdk.serve.cameras import CameraHub
@@ -282,22 +283,27 @@ class Daemon:
         for job in jobs:
             log.info("cancel %s/%s (%s)", job.client, job.request_id, job.state)
 
-    def _op_watch(self, env: Envelope, req) -> None:
+    def _op_watch(self, env: Envelope, req: WatchRequest) -> None:
         if self.scheduler.stopping:
             raise Refusal("stopping", "the daemon is shutting down")
         job_id = env.reply.request_id
-        spec, _ = self.watch.register(env.client, job_id, req, env.reply.topic)
+        try:
+            spec, _ = self.watch.register(env.client, job_id, req, env.reply.topic)
+        except Refusal as refusal:
+            if refusal.code == "busy":
+                self.stats["rejected_busy"] += 1
+            raise
         self.publisher.event(env.reply, WatchRegistered(
             request_id=job_id, job_id=job_id, camera=spec.camera,
             events_topic=self.topics.watch_events(spec.camera, env.client, job_id), every_s=spec.every_s,
             on_change=spec.on_change, persistent=spec.persistent,
             expires_at=round(spec.expires_at, 3) if spec.expires_at else None))
 
-    def _op_watch_cancel(self, env: Envelope, req) -> None:
+    def _op_watch_cancel(self, env: Envelope, req: WatchCancelRequest) -> None:
         if not self.watch.cancel(env.client, req.job_id):
             log.debug("watch_cancel from %s for %s: no such job", env.client, req.job_id)
 
-    def _op_snapshot(self, env: Envelope, req) -> None:
+    def _op_snapshot(self, env: Envelope, req: SnapshotRequest) -> None:
         self.snapshots.request(req, env.reply)
 
     # --- retained device topics -----------------------------------------------------------------------

@@ -41,6 +41,7 @@ class Refusal(Exception):
         self.code = code
         self.message = message
         self.extra = {k: v for k, v in extra.items() if v is not None}
+        self.reply: Reply | None = None  # where to send it, when transport refused the message
 
 
 @dataclass
@@ -79,7 +80,7 @@ def read_message(msg: mqtt.MQTTMessage, topics: Topics, max_payload_bytes: int) 
     try:
         env = _read(msg, topics, client, op, extra, reply, max_payload_bytes)
     except Refusal as refusal:
-        refusal.reply = reply  # type: ignore[attr-defined]
+        refusal.reply = reply
         return refusal
     return env
 
