@@ -276,3 +276,34 @@ def test_bench_compares_broker_configs():
                                                                          for b in (False, True)}
     assert all(r["request_ms"] > 0 for r in rows)
     assert "set_tcp_nodelay" in format_round_trip(rows)
+
+
+def _result(rid, seq, text, tokens):
+    return {"type": "result", "request_id": rid, "seq": seq, "text": text, "tokens": tokens, "finish_reason": "stop",
+            "usage": {"prompt_tokens": 1, "completion_tokens": len(tokens), "time_to_first_token_ms": 1.0,
+                      "tokens_per_s": 0.0, "queue_ms": 0.0, "total_ms": 1.0}}
+
+
+@pytest.mark.parametrize("sent, want", [
+    (["ab", "cd", "ef"], ["ab", "cd", "ef"]),  # all deltas arrived
+    (["ab"], ["ab", "cdef"]),                   # the last ones were lost (or overtaken by the result)
+    ([], ["abcdef"]),                           # none arrived
+    (["ab", "ef"], ["ab", "ef"]),               # a gap in the middle: nothing to mend, the result has it
+])
+def test_stream_is_completed_from_the_result(mosquitto, sent, want):
+    pieces = {"ab": [1], "cd": [2], "ef": [3]}
+
+    def events(req):
+        rid = req["request_id"]
+        evs = [{"type": "accepted", "request_id": rid, "seq": 0, "queue_position": 0}]
+        evs += [{"type": "delta", "request_id": rid, "seq": i + 1, "text": t, "tokens": pieces[t]}
+                for i, t in enumerate(sent)]
+        return evs + [_result(rid, len(sent) + 1, "abcdef", [1, 2, 3])]
+
+    dev = _FakeDevice(mosquitto, "lossy", events)
+    try:
+        with Client(mosquitto.host, mosquitto.port, "lossy", timeout=3) as c:
+            s = c.chat("hi", stream=True)
+            assert [d.text for d in s] == want and s.result.text == "abcdef"
+    finally:
+        dev.close()

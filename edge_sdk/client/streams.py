@@ -45,6 +45,8 @@ class _StreamBase:
         self.result: ChatResult | None = None
         self.queue_position: int | None = None
         self._finished = False
+        self._seen_text = ""
+        self._seen_tokens = 0
 
     def _left(self) -> float:
         """Seconds left before the request times out (never negative)."""
@@ -71,13 +73,31 @@ class _StreamBase:
             self.queue_position = position if isinstance(position, int) else None
         elif kind == "delta":
             try:
-                return read_event(Delta, item, self.request_id)
+                delta = read_event(Delta, item, self.request_id)
             except ProtocolError as e:  # the result carries the whole answer: skip this one
                 log.warning("skipped a delta of %s: %s", self.request_id, e)
+                return None
+            self._seen_text += delta.text
+            self._seen_tokens += len(delta.tokens)
+            return delta
         elif kind == "result":
             self._finished = True
             self.result = read_event(Result, item, self.request_id)
+            return self._rest_of_answer()
         return None
+
+    def _rest_of_answer(self) -> ChatDelta | None:
+        """Deltas travel at QoS 0 and may be lost or overtaken by the result: when what arrived
+        is the start of the answer, the rest becomes one last delta, so iterating a stream always
+        yields the whole text (a gap in the middle cannot be mended; the result still has it)."""
+        r = self.result
+        if not r.text.startswith(self._seen_text) or self._seen_tokens > len(r.tokens):
+            log.debug("stream %s missed deltas in the middle; the result has the whole answer", self.request_id)
+            return None
+        text, tokens = r.text[len(self._seen_text):], r.tokens[self._seen_tokens:]
+        if not text and not tokens:
+            return None
+        return Delta(request_id=r.request_id, seq=r.seq, text=text, tokens=tokens)
 
     def cancel(self) -> None:
         """Ask the device to stop; the stream then ends with finish_reason 'cancelled'."""
