@@ -141,12 +141,17 @@ class Checkpoint:
         stored = self.raw(name)
         t = np.asarray(stored, dtype=np.float32)
         if t is not stored and not np.shares_memory(t, stored):  # converted into a copy: drop the file pages
-            file, key = self._tensors[name]
-            file.release(key)
+            self.release(name)
         if name.endswith(".weight") and self.is_fp8(name[: -len(".weight")]):
             scale = np.asarray(self.raw(name[: -len(".weight")] + ".weight_scale"), dtype=np.float32)
             t = t * (scale.reshape(-1, 1) if scale.size > 1 else scale.reshape(()))
         return t
+
+    def release(self, name: str) -> None:
+        """The caller is done with the stored pages of ``name`` (``raw``'s memory map): drop them
+        from this process's resident memory (they are read again from the file if needed)."""
+        file, key = self._tensors[name]
+        file.release(key)
 
     def lm_head(self) -> np.ndarray:
         """The output projection; the embedding table when the checkpoint ties them."""

@@ -117,22 +117,27 @@ def _choose_scales(wb: np.ndarray) -> np.ndarray:
     return best_scale
 
 
+def float_rows(w: np.ndarray, r: tuple[int, int]) -> np.ndarray:
+    """Rows r[0]:r[1] of ``w`` as float32 (``w`` may be a memory-mapped bf16 checkpoint tensor:
+    only these rows are converted)."""
+    return np.asarray(w[r[0]:r[1]], dtype=np.float32)
+
+
 def quantize_int4(w: np.ndarray, block: int) -> Int4Linear:
     """Quantize a float weight [out, in] block-wise along `in`; see the module doc for the scale."""
-    w = np.asarray(w, dtype=np.float32)
-    if w.ndim != 2:
-        raise ValueError(f"int4 quantization needs a 2-D weight [out, in], got shape {w.shape}")
+    if np.ndim(w) != 2:
+        raise ValueError(f"int4 quantization needs a 2-D weight [out, in], got shape {np.shape(w)}")
     out, n = w.shape
     if block <= 0 or n % block:
         raise ValueError(f"weight of shape {w.shape}: input dimension {n} is not a multiple of the "
                          f"int4 block size {block}")
-    wb = w.reshape(out, n // block, block)
     q = np.empty((out, n), np.int8)
     scales = np.empty((out, n // block), np.float16)
 
     def run(r):  # one bounded slice of rows: its temporaries are a few times the slice, not the matrix
-        scale = _choose_scales(wb[r[0]:r[1]])
-        q[r[0]:r[1]] = _codes(wb[r[0]:r[1]], scale).astype(np.int8).reshape(r[1] - r[0], n)
+        wb = float_rows(w, r).reshape(r[1] - r[0], n // block, block)
+        scale = _choose_scales(wb)
+        q[r[0]:r[1]] = _codes(wb, scale).astype(np.int8).reshape(r[1] - r[0], n)
         scales[r[0]:r[1]] = scale[..., 0].astype(np.float16)
 
     chunks = row_chunks(out, n)

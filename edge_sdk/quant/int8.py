@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .int4 import BlockQuantized, row_chunks
+from .int4 import BlockQuantized, float_rows, row_chunks
 
 
 @dataclass
@@ -18,17 +18,16 @@ class Int8Linear(BlockQuantized):
 
 def quantize_int8(w: np.ndarray, block: int) -> Int8Linear:
     """Scale = max|w| / 127 per block (fp16-rounded, as the engine multiplies), codes rounded."""
-    w = np.asarray(w, dtype=np.float32)
     out, n = w.shape
     if n % block:
         raise ValueError(f"weight of shape {w.shape}: input dimension {n} is not a multiple of the block size {block}")
-    wb = w.reshape(out, n // block, block)
     q = np.empty((out, n), np.int8)
     scales = np.empty((out, n // block), np.float16)
     for r0, r1 in row_chunks(out, n):  # bounded temporaries, as quantize_int4
-        scale = (np.abs(wb[r0:r1]).max(axis=-1) / 127.0).astype(np.float16)
+        wb = float_rows(w, (r0, r1)).reshape(r1 - r0, n // block, block)
+        scale = (np.abs(wb).max(axis=-1) / 127.0).astype(np.float16)
         s32 = scale.astype(np.float32)[:, :, None]
-        codes = np.clip(np.rint(np.divide(wb[r0:r1], s32, out=np.zeros_like(wb[r0:r1]), where=s32 > 0)), -127, 127)
+        codes = np.clip(np.rint(np.divide(wb, s32, out=np.zeros_like(wb), where=s32 > 0)), -127, 127)
         q[r0:r1] = codes.astype(np.int8).reshape(r1 - r0, n)
         scales[r0:r1] = scale
     return Int8Linear(q=q, scales=scales, block=block)
