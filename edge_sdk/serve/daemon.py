@@ -36,12 +36,12 @@ from edge_sdk.protocol.topics import SCHEMA_VERSION, Topics
 from edge_sdk.serve.admission import Admission
 from edge_sdk.serve.cameras import CameraHub
 from edge_sdk.serve.config import ServeSettings
-from edge_sdk.serve.events import Publisher, error_event, to_wire
+from edge_sdk.serve.events import Publisher, to_wire
 from edge_sdk.serve.housekeeper import Housekeeper, rss_bytes
 from edge_sdk.serve.scheduler import Scheduler
 from edge_sdk.serve.sdnotify import Notifier
 from edge_sdk.serve.snapshots import Snapshots
-from edge_sdk.serve.transport import Envelope, Refusal, read_message
+from edge_sdk.serve.transport import Envelope, Refusal, read_message, shutting_down
 from edge_sdk.serve.watch import WatchManager
 from edge_sdk.serve.worker import Worker
 
@@ -266,9 +266,8 @@ class Daemon:
             return self.publisher.event(reply, admitted.finished)
         # 'accepted' is queued in paho before the worker can see the job: seq order holds.
         self.publisher.event(reply, Accepted(request_id=job.request_id, queue_position=admitted.position))
-        if not self.scheduler.enqueue(job):
-            return self.scheduler.finish(job, error_event(job.request_id, job.next_seq(), "stopping",
-                                                          "the daemon is shutting down"))
+        if not self.scheduler.enqueue(job):  # stopping meanwhile: the scheduler ended it
+            return
         log.debug("accepted %s/%s (priority %d, position %d)", env.client, job.request_id, req.priority,
                   admitted.position)
 
@@ -285,7 +284,7 @@ class Daemon:
 
     def _op_watch(self, env: Envelope, req: WatchRequest) -> None:
         if self.scheduler.stopping:
-            raise Refusal("stopping", "the daemon is shutting down")
+            raise shutting_down()
         job_id = env.reply.request_id
         try:
             spec, _ = self.watch.register(env.client, job_id, req, env.reply.topic)

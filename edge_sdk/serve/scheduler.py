@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from edge_sdk.protocol.models import ChatRequest
 from edge_sdk.serve.events import empty_result, error_event
-from edge_sdk.serve.transport import Refusal, Reply
+from edge_sdk.serve.transport import Refusal, Reply, shutting_down
 
 #: Watch runs wait below every client request (priorities 0..9).
 WATCH_PRIORITY = -1
@@ -103,7 +103,7 @@ class Scheduler:
             if done is not None:
                 return Admitted(finished=done)
             if self.stopping:
-                raise Refusal("stopping", "the daemon is shutting down")
+                raise shutting_down()
             mine = sum(1 for j in self._active.values() if j.client == job.client)
             if mine >= self.max_pending_per_client:
                 self.stats["rejected_busy"] += 1
@@ -118,14 +118,20 @@ class Scheduler:
 
     def enqueue(self, job: Job) -> bool:
         """Put an admitted request (after its 'accepted' went out) or a watch run on the queue.
-        False when stopping, or, for a watch run, when the queue is full."""
+        False when stopping (a client request then ends with ``503 stopping``, as queued ones do)
+        or, for a watch run, when the queue is full."""
         with self._cv:
-            if self.stopping or (not job.is_client_request and len(self._queue) >= self.queue_length):
+            if self.stopping:
+                ending = self._end_stopping([job]) if job.is_client_request else []
+            elif not job.is_client_request and len(self._queue) >= self.queue_length:
                 return False
-            job.order = next(self._order)
-            heapq.heappush(self._queue, job)
-            self._cv.notify()
-        return True
+            else:
+                job.order = next(self._order)
+                heapq.heappush(self._queue, job)
+                self._cv.notify()
+                return True
+        self._send_all(ending)
+        return False
 
     # --- out ----------------------------------------------------------------------------------
 
@@ -188,12 +194,18 @@ class Scheduler:
         with self._cv:
             self.stopping = True
             queued, self._queue = self._queue, []
-            ending = []
-            for job in queued:
-                ev = error_event(job.request_id, job.next_seq(), "stopping", "the daemon is shutting down")
-                if self._close(job, ev):
-                    ending.append((job, ev))
+            ending = self._end_stopping(queued)
         self._send_all(ending)
+
+    def _end_stopping(self, jobs: list[Job]) -> Ending:
+        """Under the lock: close each of ``jobs`` with the ``stopping`` error."""
+        refusal = shutting_down()
+        ending = []
+        for job in jobs:
+            ev = error_event(job.request_id, job.next_seq(), refusal.code, refusal.message)
+            if self._close(job, ev):
+                ending.append((job, ev))
+        return ending
 
     def _end_queued(self, jobs: list[Job], reason: str) -> Ending:
         """Under the lock: take ``jobs`` off the queue and close each with an empty result."""

@@ -12,7 +12,7 @@ from edge_sdk.protocol.topics import Topics
 from edge_sdk.serve.cameras import CameraHub
 from edge_sdk.serve.config import ServeSettings
 from edge_sdk.serve.events import Publisher
-from edge_sdk.serve.transport import Refusal, Reply
+from edge_sdk.serve.transport import Refusal, Reply, shutting_down
 
 log = logging.getLogger("edge_sdk.serve")
 
@@ -30,7 +30,7 @@ class Snapshots:
         try:
             self._media.submit(self._take, req.camera, req.max_side or self.s.snapshot_max_side, req, reply)
         except RuntimeError:  # executor shut down: stopping
-            self.publisher.refuse(reply, Refusal("stopping", "the daemon is shutting down"))
+            self.publisher.refuse(reply, shutting_down())
 
     def refresh(self) -> None:
         """Refresh every camera's retained snapshot (the housekeeper, every snapshot_interval_s)."""

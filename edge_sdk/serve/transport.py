@@ -44,6 +44,11 @@ class Refusal(Exception):
         self.reply: Reply | None = None  # where to send it, when transport refused the message
 
 
+def shutting_down() -> Refusal:
+    """The refusal every stage gives once the daemon is stopping (503)."""
+    return Refusal("stopping", "the daemon is shutting down")
+
+
 @dataclass
 class Envelope:
     """A request as it arrived: the client name C of ``R/req/C/op``, the op, the JSON object and
