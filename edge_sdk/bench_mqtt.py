@@ -12,7 +12,8 @@ from __future__ import annotations
 import statistics
 import subprocess
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 DEFAULT_PROMPT = [{"role": "user", "content": "Describe what a mobile robot should do when its camera sees a red box."}]
 
@@ -68,33 +69,19 @@ def bench_mqtt(model: Any, *, prompt: Any = None, max_tokens: int = 64, runs: in
     (default: start a private mosquitto). The daemon always runs in this process so that both
     sides use the very same model object; ``coalesce_ms`` overrides the daemon's delta coalescing.
     """
-    from edge_sdk.client import Client
-    from edge_sdk.serve.broker import Mosquitto
-    from edge_sdk.serve.config import ServeSettings
-    from edge_sdk.serve.daemon import Daemon
-
     prompt = DEFAULT_PROMPT if prompt is None else prompt
     kw = dict(max_tokens=max_tokens, seed=seed, temperature=temperature)
-    broker = None
-    if host is None:
-        broker = Mosquitto(port=port).start()
-        host, port = broker.host, broker.port
     overrides = {"coalesce_ms": coalesce_ms} if coalesce_ms is not None else {}
-    daemon = Daemon(model, ServeSettings(host=host, port=port or 1883, device_id=device_id, username=username,
-                                         password=password, max_tokens=max(max_tokens, 1),
-                                         metrics_interval_s=60, **overrides)).start()
-    try:
-        if not daemon.wait_connected(10):
-            raise RuntimeError(f"the benchmark daemon could not connect to {host}:{port}")
+    with _served(model, host=host, port=port, device_id=device_id, username=username, password=password,
+                 timeout=600, max_tokens=max(max_tokens, 1), **overrides) as (daemon, client, broker):
         local, remote, same = [], [], True
-        with Client(host, port or 1883, device_id, username=username, password=password, timeout=600) as client:
-            for i in range(warmup + runs):
-                a, ta = _in_process(model, prompt, kw)
-                b, tb = _over_mqtt(client, prompt, kw)
-                if i >= warmup:
-                    local.append(a)
-                    remote.append(b)
-                    same = same and ta == tb
+        for i in range(warmup + runs):
+            a, ta = _in_process(model, prompt, kw)
+            b, tb = _over_mqtt(client, prompt, kw)
+            if i >= warmup:
+                local.append(a)
+                remote.append(b)
+                same = same and ta == tb
         summary = {}
         for name, rows in (("in_process", local), ("mqtt", remote)):
             summary[name] = {k: _stats([r.get(k) for r in rows]) for k in rows[0] if k != "tokens"}
@@ -112,8 +99,33 @@ def bench_mqtt(model: Any, *, prompt: Any = None, max_tokens: int = 64, runs: in
                          "tokens_per_s_ratio": round(tps_b / tps_a, 4) if tps_a and tps_b else None},
             "same_tokens": same, "runs": runs, "max_tokens": max_tokens, "seed": seed,
             "model": daemon.info["name"], "coalesce_ms": daemon.s.coalesce_ms,
-            "broker": f"{_mosquitto_version() if broker else 'external'} at {host}:{port}",
+            "broker": f"{_mosquitto_version() if broker else 'external'} at {daemon.s.host}:{daemon.s.port}",
         }
+
+
+@contextmanager
+def _served(model: Any, *, host: str | None = None, port: int | None = None, device_id: str = "bench",
+            username: str | None = None, password: str | None = None, timeout: float = 600,
+            broker_options: dict | None = None, **settings: Any) -> Iterator[tuple[Any, Any, Any]]:
+    """(daemon, SDK client, private broker or None): a daemon serving ``model`` in this process on
+    ``host:port``, or on a private mosquitto (``broker_options``) when ``host`` is None."""
+    from edge_sdk.client import Client
+    from edge_sdk.serve.broker import Mosquitto
+    from edge_sdk.serve.config import ServeSettings
+    from edge_sdk.serve.daemon import Daemon
+
+    broker = None
+    if host is None:
+        broker = Mosquitto(port=port, **(broker_options or {})).start()
+        host, port = broker.host, broker.port
+    port = port or 1883
+    daemon = Daemon(model, ServeSettings(host=host, port=port, device_id=device_id, username=username,
+                                         password=password, metrics_interval_s=60, **settings)).start()
+    try:
+        if not daemon.wait_connected(10):
+            raise RuntimeError(f"the benchmark daemon could not connect to {host}:{port}")
+        with Client(host, port, device_id, username=username, password=password, timeout=timeout) as client:
+            yield daemon, client, broker
     finally:
         daemon.stop(grace_s=1.0)
         if broker is not None:
@@ -125,33 +137,24 @@ def bench_round_trip(model: Any, runs: int = 20) -> list[dict]:
     ``set_tcp_nodelay`` off (mosquitto's default) or on, and the daemon's and SDK's quick ACKs
     (``mqtt_common.set_quickack``) on or off."""
     from edge_sdk import mqtt_common
-    from edge_sdk.client import Client
-    from edge_sdk.serve.broker import Mosquitto
-    from edge_sdk.serve.config import ServeSettings
-    from edge_sdk.serve.daemon import Daemon
 
     rows = []
     for nodelay in (False, True):
         for quick in (True, False):
             mqtt_common.QUICK_ACK = quick
-            broker = Mosquitto(tcp_nodelay=nodelay).start()
-            daemon = Daemon(model, ServeSettings(host=broker.host, port=broker.port, device_id="rtt",
-                                                 metrics_interval_s=60)).start()
             try:
-                daemon.wait_connected(10)
-                with Client(broker.host, broker.port, "rtt", timeout=30) as client:
+                with _served(model, device_id="rtt", timeout=30,
+                             broker_options={"tcp_nodelay": nodelay}) as (_, client, _):
                     client.chat("hi", max_tokens=1)
                     times = []
                     for _ in range(runs):
                         t0 = time.perf_counter()
                         client.chat("hi", max_tokens=1)
                         times.append((time.perf_counter() - t0) * 1000)
-                rows.append({"broker_tcp_nodelay": nodelay, "quick_ack": quick,
-                             "request_ms": round(statistics.median(times), 3)})
             finally:
                 mqtt_common.QUICK_ACK = True
-                daemon.stop(grace_s=0.5)
-                broker.cleanup()
+            rows.append({"broker_tcp_nodelay": nodelay, "quick_ack": quick,
+                         "request_ms": round(statistics.median(times), 3)})
     return rows
 
 
