@@ -17,6 +17,7 @@ Split, when they are float or INT4 (FP8 ones each keep their input scale).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Mapping
 
@@ -58,6 +59,7 @@ class DecoderGraph:
         self.dtype = dtype
         self.onnx_dtype = TensorProto.FLOAT if dtype == "float32" else TensorProto.FLOAT16
         self.g = GraphBuilder("ministral3_decoder", path)
+        self.attention_seams: list[dict[str, str]] = []  # per layer: the tensors around attention
 
     # --- building blocks -------------------------------------------------------------------
     def _to_compute(self, x: str) -> str:
@@ -192,13 +194,17 @@ class DecoderGraph:
         for i, (past_k, past_v) in enumerate(pasts):
             p = f"layers.{i}."
             x = self._rms_norm(h, p + "input_layernorm.weight")
-            q, k, v = self._linears(x, [p + f"self_attn.{n}_proj" for n in "qkv"])
-            q = g.op("Mul", self._rope(self._heads(q, cfg.num_heads), cos, sin), qscale)
-            k = self._rope(self._heads(k, cfg.num_kv_heads), cos, sin)
-            v = self._heads(v, cfg.num_kv_heads)
+            q2d, k2d, v2d = self._linears(x, [p + f"self_attn.{n}_proj" for n in "qkv"])
+            q = g.op("Mul", self._rope(self._heads(q2d, cfg.num_heads), cos, sin), qscale)
+            k = self._rope(self._heads(k2d, cfg.num_kv_heads), cos, sin)
+            v = self._heads(v2d, cfg.num_kv_heads)
             k = g.op("Concat", past_k, k, axis=2, name=f"present_key.{i}")
             v = g.op("Concat", past_v, v, axis=2, name=f"present_value.{i}")
-            h = g.op("Add", h, self._linear(self._attention(q, k, v, mask), p + "self_attn.o_proj"))
+            attn = self._attention(q, k, v, mask)
+            self.attention_seams.append(dict(q=q2d, k=k2d, v=v2d, cos=cos, sin=sin, q_scale=qscale, mask=mask,
+                                             past_key=past_k, past_value=past_v, present_key=k,
+                                             present_value=v, out=attn))
+            h = g.op("Add", h, self._linear(attn, p + "self_attn.o_proj"))
             x = self._rms_norm(h, p + "post_attention_layernorm.weight")
             gate, up = self._linears(x, [p + "mlp.gate_proj", p + "mlp.up_proj"])
             act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
@@ -218,7 +224,16 @@ def export_decoder(cfg: TextConfig, tensors: Mapping[str, np.ndarray], linears: 
     missing = [f"layers.{i}.{n}" for i in range(cfg.num_layers) for n in LINEARS if f"layers.{i}.{n}" not in linears]
     if missing:
         raise ValueError(f"cannot export decoder: linear {missing[0]} has no weights")
-    return DecoderGraph(cfg, tensors, linears, Path(out_dir) / "decoder.onnx", dtype, head).build().save()
+    graph = DecoderGraph(cfg, tensors, linears, Path(out_dir) / "decoder.onnx", dtype, head)
+    seams = dict(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                 layers=graph.attention_seams)
+    return graph.build().save({ATTENTION_SEAMS_KEY: json.dumps(seams)})
+
+
+#: Model metadata key under which the decoder states its head counts and lists, per layer, the
+#: tensor names around its attention block (inputs q/k/v, RoPE tables, mask, cache; outputs):
+#: the seams the TensorRT plugin rewrite (export/plugin_graph.py) cuts along.
+ATTENTION_SEAMS_KEY = "edge_sdk.attention_seams"
 
 
 #: Initializer names of the head in decoder.onnx (what `DecoderGraph._linear` writes for "lm_head").
