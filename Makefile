@@ -41,8 +41,11 @@ demo: install $(DEMO_DIR)/int4-cpu/manifest.json
 serve: install $(DEMO_DIR)/int4-cpu/manifest.json
 	EDGE_SDK=$(VENV)/bin/edge-sdk devices/serve_local.sh $(DEMO_DIR)/int4-cpu $(or $(PORT),1883)
 
+# TensorRT's public headers for the plugin compile checks, where the development machines keep them.
+TRT_HEADERS ?= $(shell ls -d $(CURDIR)/../shared/third_party/tensorrt/*/include 2>/dev/null | tr '\n' ':')
+
 test: install
-	$(PY) -m pytest -q
+	EDGE_SDK_TRT_HEADERS="$(TRT_HEADERS)" $(PY) -m pytest -q
 
 # The peers live in their own environment (their builds pull other versions of ONNX Runtime and
 # friends); llama.cpp is compiled with portable flags (AVX2/FMA/F16C, no -march=native).
