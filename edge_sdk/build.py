@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .devices import check_build, load_profile
 from .export.decoder import export_decoder, export_embedding
+from .export.plugin_graph import write_plugin_graph
 from .models.checkpoint import CheckpointError, open_checkpoint
 from .package import Manifest, graph_entry, write_manifest
 from .quant import QuantRecipe, format_report, quantize
@@ -43,13 +44,27 @@ def _write_tokenizer(src: Path, dst: Path, max_image_size: int) -> None:
     dst.write_text(json.dumps(data, ensure_ascii=False))
 
 
+def _golden(out_dir: Path, manifest: Manifest, tok: Tokenizer) -> dict:
+    """Reference outputs for the golden check (golden.py), from the standard graph on the CPU."""
+    from .golden import golden_prompts, record_golden
+    from .runtime.onnxruntime import OnnxRuntimeBackend
+
+    backend = OnnxRuntimeBackend(out_dir, manifest, accuracy_level=0)
+    golden = record_golden(backend, golden_prompts(lambda text: tok.encode(text, bos=True)),
+                           manifest.graphs["decoder"].inputs[0].dtype)
+    log.info("golden outputs recorded: %d prompts x %d greedy tokens", len(golden["records"]), golden["steps"])
+    return golden
+
+
 def default_output(checkpoint_dir: Path, recipe: QuantRecipe, device: str) -> Path:
     return DEFAULT_ENGINES_DIR / f"{checkpoint_dir.resolve().name}-{recipe.method}-{device}"
 
 
 def build(checkpoint: str | Path, recipe: QuantRecipe, device: str = "cpu", out: str | Path | None = None,
-          tokenizer: str | Path | None = None, context_length: int | None = None, progress: bool = True) -> Path:
-    """Build an engine package and return its directory."""
+          tokenizer: str | Path | None = None, context_length: int | None = None, progress: bool = True,
+          plugins: bool = True) -> Path:
+    """Build an engine package and return its directory. For TensorRT profiles the package also
+    gets the plugin graph (decoder.plugins.onnx) unless ``plugins`` is False."""
     ckpt_dir = Path(checkpoint)
     ckpt = open_checkpoint(ckpt_dir)
     profile = load_profile(device)
@@ -78,6 +93,8 @@ def build(checkpoint: str | Path, recipe: QuantRecipe, device: str = "cpu", out:
     table = quantized.embedding if quantized.embedding is not None else quantized.tensors["embed_tokens.weight"]
     export_embedding(table, out_dir, dtype, tied_to=decoder if quantized.tied else None)
     graphs = {"embed": graph_entry(out_dir, "embed.onnx"), "decoder": graph_entry(out_dir, "decoder.onnx")}
+    if plugins and profile.backend == "tensorrt":
+        graphs["decoder_plugins"] = graph_entry(out_dir, write_plugin_graph(decoder).name)
     if cfg.vision is not None:
         from .export.vision import export_vision
         from .models.pixtral import load_vision_weights
@@ -91,6 +108,7 @@ def build(checkpoint: str | Path, recipe: QuantRecipe, device: str = "cpu", out:
         context_length=context_length, graphs=graphs, tokenizer="tekken.json",
         extra={"quant_report": [asdict(r) for r in quantized.report],
                **({"head_report": quantized.head_report.summary()} if quantized.head_report else {})})
+    manifest = manifest.model_copy(update={"extra": {**manifest.extra, "golden": _golden(out_dir, manifest, tok)}})
     if profile.backend == "tensorrt":
         from .compile import compile_engines
 

@@ -15,7 +15,7 @@ from pathlib import Path
 EPILOG = """examples:
   edge-sdk build ./Ministral-3-3B-Instruct-2512 --quant int4 --device orin-nano-8gb
   edge-sdk generate engines/my-model --prompt "Where is the charging dock?" --max-tokens 64
-  edge-sdk verify engines/my-model
+  edge-sdk verify engines/my-model [--run]
   edge-sdk serve engines/my-model --host localhost --port 1883 --device-id robot-1
   edge-sdk bench engines/my-model [--mqtt | --vision]
   edge-sdk devices
@@ -31,12 +31,13 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def _add_backend(p: argparse.ArgumentParser) -> None:
+def _add_backend(p: argparse.ArgumentParser, default_accuracy: int = 4) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
                    help="auto: TensorRT when a GPU and engines are present, else ONNX Runtime")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")
-    p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
-                   help="ONNX Runtime INT4 kernel: 4 = int8 activations (fast), 0 = exact float")
+    p.add_argument("--accuracy-level", type=int, default=default_accuracy, choices=[0, 1, 2, 3, 4],
+                   help=f"ONNX Runtime INT4 kernel: 4 = int8 activations (fast), 0 = exact float "
+                        f"(default {default_accuracy})")
 
 
 def _backend_options(args) -> dict:
@@ -52,7 +53,7 @@ def cmd_build(args) -> int:
     recipe = QuantRecipe(method=args.quant, block_size=args.block_size, awq=not args.no_awq, head=args.head,
                          calibration_file=args.calib, fp8_granularity=args.fp8_granularity)
     out = build(args.checkpoint, recipe, device=args.device, out=args.output, tokenizer=args.tokenizer,
-                context_length=args.context, progress=not args.quiet)
+                context_length=args.context, progress=not args.quiet, plugins=not args.no_plugins)
     print(out)
     return 0
 
@@ -100,7 +101,18 @@ def cmd_verify(args) -> int:
 
     files = verify_package(args.engine)
     print(f"{args.engine}: OK ({len(files)} files match their sha256)")
-    return 0
+    if not args.run:
+        return 0
+    from .golden import check_golden
+    from .runtime.model import load
+
+    model = load(args.engine, backend=args.backend, verify=False, **_backend_options(args))
+    golden = model.manifest.extra.get("golden")
+    if golden is None:
+        raise ValueError(f"{args.engine}: the manifest has no golden outputs (built by an older edge_sdk); rebuild it")
+    report = check_golden(model.backend, golden)
+    print(f"{args.engine} on {model.backend.name}: {report.summary()}")
+    return 0 if report.ok else 1
 
 
 def cmd_compile(args) -> int:
@@ -178,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8-granularity", choices=["tensor", "channel"], default="tensor",
                    help="FP8 weight scales per tensor (default) or per output channel")
     p.add_argument("--context", type=int, help="context length (default: the device profile's)")
+    p.add_argument("--no-plugins", action="store_true",
+                   help="TensorRT profiles: ship only the standard graph, no INT4 GEMM / attention plugin graph")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_build)
 
@@ -194,8 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("verify", help="check an engine package's manifest and file hashes")
+    p = sub.add_parser("verify", help="check an engine package's file hashes (and, with --run, its outputs)",
+                       description="Check every file against the manifest's sha256. With --run, also replay the "
+                                   "golden outputs recorded at build time on a backend and fail (exit 1) when "
+                                   "the logits or greedy tokens diverge beyond the stated tolerance.")
     p.add_argument("engine", help="engine package directory")
+    p.add_argument("--run", action="store_true", help="run the golden prompts and compare with the recorded outputs")
+    _add_backend(p, default_accuracy=0)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("compile", help="compile a package's ONNX graphs into TensorRT engines (on the device)",

@@ -19,6 +19,9 @@ from .embedding import EmbeddingTable
 log = logging.getLogger(__name__)
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+#: The graphs run here; embed.onnx's table is gathered on the host, and the TensorRT plugin
+#: graph needs the plugins (plugins/reference_backend.py runs it with their NumPy references).
+ORT_ROLES = ("decoder", "vision")
 
 
 @dataclass
@@ -45,7 +48,7 @@ class OnnxRuntimeBackend:
         self.package_dir = Path(package_dir)
         self.sessions = {
             role: ort.InferenceSession(str(self.package_dir / entry.file), options, providers=["CPUExecutionProvider"])
-            for role, entry in manifest.graphs.items() if role != "embed"
+            for role, entry in manifest.graphs.items() if role in ORT_ROLES
         }
         self.embeddings = EmbeddingTable.open(self.package_dir / manifest.graphs["embed"].file)
         decoder = self.sessions["decoder"]
