@@ -91,5 +91,6 @@ def test_layers_import_downwards():
     assert _imports_under(g, "edge_sdk.protocol", "edge_sdk.client") == []
     assert _imports_under(g, "edge_sdk.client", "edge_sdk.serve") == []
     assert _imports_under(g, "edge_sdk.serve", "edge_sdk.client") == []
-    for build_side in ("edge_sdk.compile", "edge_sdk.build", "edge_sdk.quant", "edge_sdk.export"):
+    for build_side in ("edge_sdk.compile", "edge_sdk.build", "edge_sdk.quant", "edge_sdk.export",
+                       "edge_sdk.plugins.library", "edge_sdk.plugins.reference", "edge_sdk.golden"):
         assert _imports_under(g, "edge_sdk.runtime", build_side) == []

@@ -19,6 +19,7 @@ import importlib.util
 import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edge_sdk.runtime.types import BackendUnavailable
@@ -188,3 +189,17 @@ def version_tuple(v: str) -> tuple[int, ...]:
         digits = "".join(ch for ch in part if ch.isdigit())
         out.append(int(digits) if digits else 0)
     return tuple(out)
+
+
+def load_plugin_library(trt, path: str | Path) -> None:
+    """Register the plugin creators of ``path`` with TensorRT (once per process and path)."""
+    path = str(Path(path).resolve())
+    if path in _LOADED_PLUGINS:
+        return
+    if trt.get_plugin_registry().load_library(path) is None:
+        raise BackendUnavailable(f"{path}: TensorRT could not load the plugin library (built for another "
+                                 "TensorRT or CUDA?); run `edge-sdk compile` here")
+    _LOADED_PLUGINS.add(path)
+
+
+_LOADED_PLUGINS: set[str] = set()

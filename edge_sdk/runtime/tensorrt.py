@@ -6,12 +6,16 @@ Importing this module imports neither: both are imported inside functions, after
 `gpu_probe.probe_gpu()` has confirmed a driver (tensorrt-lean segfaults and pycuda fails to import
 without one). Without a usable GPU every entry point raises `BackendUnavailable` with the probe's reason.
 
-KV cache: each cache owns two sets of max-context device buffers per layer (K and V) used
-ping-pong: step n reads `past_*` from set A with shape [1, kv, past, head_dim] and TensorRT writes
-`present_*` ([1, kv, past + seq, head_dim], contiguous) into set B; step n+1 reads set B. Nothing
-leaves the GPU between steps, but the cache costs 2x the KV size the memory estimate counts
-(a [1, kv, past, hd] tensor cannot be a view into a [1, kv, max, hd] buffer: TensorRT I/O is
-linear, so in-place append would need a KV-cache plugin or a graph that writes by position).
+Two kinds of decoder plan, one interface:
+- the plugin engine (decoder.plugins.onnx, preferred): one [1, 2, kv, capacity, head_dim] buffer
+  per layer, bound as both `kv_cache.{i}` and `present_kv.{i}` (EdgeAttention writes the new
+  tokens in place at `past_lengths`); the plugin library is loaded before the plan;
+- the standard engine (decoder.onnx): two sets of max-context buffers per layer (K and V) used
+  ping-pong: step n reads `past_*` from set A with shape [1, kv, past, head_dim] and TensorRT
+  writes `present_*` ([1, kv, past + seq, head_dim]) into set B; step n+1 reads set B. That costs
+  2x the KV memory (TensorRT I/O is linear: a past cannot be a view into a larger buffer).
+Either way nothing leaves the GPU between steps. Plans carry two optimization profiles (decode,
+prefill); each call selects the one for its length.
 
 """
 
@@ -27,7 +31,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge_sdk.runtime.embedding import EmbeddingTable
-from edge_sdk.runtime.gpu_probe import GpuStatus, import_pycuda, import_tensorrt, require_gpu, trt_logger, version_tuple
+from edge_sdk.runtime.gpu_probe import (GpuStatus, import_pycuda, import_tensorrt, load_plugin_library, require_gpu,
+                                        trt_logger, version_tuple)
+from edge_sdk.plugins import ops
 from edge_sdk.runtime.types import BackendUnavailable, ContextOverflowError, GenerationError
 
 if TYPE_CHECKING:
@@ -49,6 +55,7 @@ class _Engine:
             raise BackendUnavailable(f"{plan_path}: TensorRT cannot load this plan (built with another TensorRT "
                                      f"version than {trt.__version__}, or for another GPU); rebuild it here")
         self.context = self.engine.create_execution_context()
+        self.profile = 0  # the context starts on profile 0
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
@@ -60,7 +67,17 @@ class _Engine:
         return tuple(self.engine.get_tensor_shape(name))
 
     def max_shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.engine.get_tensor_profile_shape(name, 0)[2])
+        """The largest shape any optimization profile takes."""
+        shapes = [tuple(self.engine.get_tensor_profile_shape(name, i)[2])
+                  for i in range(self.engine.num_optimization_profiles)]
+        return max(shapes, key=lambda s: int(np.prod(s)))
+
+    def select_profile(self, seq: int, stream) -> None:
+        """Profile 0 (decode) for one token, the last (prefill) for more: see compile.decoder_profiles."""
+        wanted = 0 if seq == 1 else self.engine.num_optimization_profiles - 1
+        if wanted != self.profile:
+            self.context.set_optimization_profile_async(wanted, stream.handle)
+            self.profile = wanted
 
     def set_shape(self, name: str, shape: tuple[int, ...]) -> None:
         if not self.context.set_input_shape(name, shape):
@@ -128,7 +145,7 @@ class TensorRTCache:
     """Decoder KV cache on the GPU. `length` = tokens cached. Release early with `close()`."""
 
     def __init__(self, bufs: list, release):
-        self._bufs = bufs      # [set0, set1]; each set: [(k_alloc, v_alloc) per layer]
+        self._bufs = bufs      # standard: [set0, set1] of [(k, v) per layer]; plugin: [[(kv,) per layer]]
         self._cur = 0          # which set holds the current past
         self.length = 0
         self._finalizer = weakref.finalize(self, release, bufs)
@@ -158,17 +175,20 @@ class _KVPool:
             if len(self._free) < self._keep:
                 self._free.append(bufs)
                 return
-        for pair_set in bufs:
-            for k, v in pair_set:
-                k.free(), v.free()
+        _free_all(bufs)
 
     def clear(self) -> None:
         with self._lock:
             free, self._free = self._free, []
         for bufs in free:
-            for pair_set in bufs:
-                for k, v in pair_set:
-                    k.free(), v.free()
+            _free_all(bufs)
+
+
+def _free_all(bufs) -> None:
+    for buf_set in bufs:
+        for layer in buf_set:
+            for alloc in layer:
+                alloc.free()
 
 
 class TensorRTDecoder:
@@ -187,7 +207,7 @@ class TensorRTDecoder:
     name = "tensorrt"
 
     def __init__(self, package_dir: str | Path, manifest: Manifest | None = None, *,
-                 max_context: int | None = None, **options):
+                 max_context: int | None = None, engine: str | None = None, **options):
         from edge_sdk.package import load_manifest  # noqa: PLC0415
 
         status = require_gpu()  # raises BackendUnavailable with the probe's reason
@@ -196,9 +216,11 @@ class TensorRTDecoder:
         if options:
             log.debug("tensorrt backend ignores options %s", sorted(options))
         eng = manifest.engines
-        if "decoder" not in eng:
-            raise BackendUnavailable(f"{pkg}: no TensorRT decoder engine in the package (built for "
-                                     f"{manifest.device}); use the onnxruntime backend or rebuild for this GPU")
+        role = engine or ("decoder_plugins" if "decoder_plugins" in eng else "decoder")
+        if role not in eng:
+            raise BackendUnavailable(f"{pkg}: no TensorRT {role} engine in the package (built for "
+                                     f"{manifest.device}); use the onnxruntime backend or run `edge-sdk compile`")
+        plugin_library = manifest.extra.get("plugin_library") if role == "decoder_plugins" else None
         _check_package_target(pkg, manifest, status)
         table = None
         if "embed" not in eng:
@@ -206,22 +228,26 @@ class TensorRTDecoder:
                 raise BackendUnavailable(f"{pkg}: package has neither an embed engine nor embed.onnx")
             table = EmbeddingTable.open(pkg / manifest.graphs["embed"].file)
         ctx = min(max_context or manifest.context_length, manifest.context_length)
-        self._open(pkg / eng["decoder"], pkg / eng["embed"] if "embed" in eng else None,
-                   pkg / eng["vision"] if "vision" in eng else None, table, ctx)
+        self._open(pkg / eng[role], pkg / eng["embed"] if "embed" in eng else None,
+                   pkg / eng["vision"] if "vision" in eng else None, table, ctx,
+                   pkg / plugin_library if plugin_library else None)
 
     @classmethod
     def from_plans(cls, decoder_plan: str | Path, *, embed_plan: str | Path | None = None,
                    vision_plan: str | Path | None = None, embed_table: EmbeddingTable | None = None,
-                   max_context: int | None = None) -> TensorRTDecoder:
+                   max_context: int | None = None, plugin_library: str | Path | None = None) -> TensorRTDecoder:
         self = cls.__new__(cls)
         self._open(Path(decoder_plan), Path(embed_plan) if embed_plan else None,
-                   Path(vision_plan) if vision_plan else None, embed_table, max_context)
+                   Path(vision_plan) if vision_plan else None, embed_table, max_context,
+                   Path(plugin_library) if plugin_library else None)
         return self
 
     def _open(self, decoder_plan: Path, embed_plan: Path | None, vision_plan: Path | None,
-              embed_table: EmbeddingTable | None, max_context: int | None) -> None:
+              embed_table: EmbeddingTable | None, max_context: int | None, plugin_library: Path | None) -> None:
         self.status = require_gpu()
         trt = import_tensorrt()
+        if plugin_library is not None:
+            load_plugin_library(trt, plugin_library)
         self._cuda, self._cu_ctx = import_pycuda()
         self._lock = threading.RLock()
         with self._active():
@@ -234,9 +260,9 @@ class TensorRTDecoder:
             self._describe_decoder(max_context)
             self._alloc_io()
         self._pool = _KVPool(self._alloc_kv)
-        log.info("tensorrt backend: %s, %d layers, context %d (KV %.2f GB per cache), prefill chunk %d",
-                 self.status.device_name, self.num_layers, self.max_context, self.kv_cache_bytes() / 1e9,
-                 self.max_seq)
+        log.info("tensorrt backend: %s, %s engine, %d layers, context %d (KV %.2f GB per cache), prefill chunk %d",
+                 self.status.device_name, "plugin" if self.plugin else "standard", self.num_layers, self.max_context,
+                 self.kv_cache_bytes() / 1e9, self.max_seq)
 
     # -- setup --
 
@@ -250,16 +276,21 @@ class TensorRTDecoder:
 
     def _describe_decoder(self, max_context: int | None) -> None:
         dec = self._dec
-        self.num_layers = sum(1 for n in dec.inputs if n.startswith("past_key."))
+        self.plugin = ops.PAST_LENGTHS in dec.inputs
+        first = ops.cache_input(0) if self.plugin else "past_key.0"
+        self.num_layers = sum(1 for n in dec.inputs if n.startswith("kv_cache." if self.plugin else "past_key."))
         if self.num_layers == 0 or "inputs_embeds" not in dec.inputs or "logits" not in dec.outputs:
             raise BackendUnavailable(f"{dec.path}: not a decoder engine (inputs {dec.inputs[:4]}...)")
-        _, self.kv_heads, _, self.head_dim = dec.shape("past_key.0")
+        shape = dec.shape(first)
+        self.kv_heads, self.head_dim = shape[-3], shape[-1]
         self.hidden_size = dec.shape("inputs_embeds")[-1]
         self.vocab_size = dec.shape("logits")[-1]
-        engine_ctx = dec.max_shape("past_key.0")[2]
+        engine_ctx = dec.max_shape(first)[-2]
+        if self.plugin:  # the cache capacity is fixed at build time: a smaller cache is not an option
+            self.capacity = engine_ctx
         self.max_context = min(max_context, engine_ctx) if max_context else engine_ctx
         self.max_seq = dec.max_shape("inputs_embeds")[1]
-        self._kv_dtype = dec.dtype("past_key.0")
+        self._kv_dtype = dec.dtype(first)
         if min(self.kv_heads, self.head_dim, self.hidden_size, self.vocab_size) <= 0:
             raise BackendUnavailable(f"{dec.path}: decoder engine has unexpected dynamic hidden/kv/vocab dims")
 
@@ -274,16 +305,23 @@ class TensorRTDecoder:
         self._d_emb = cuda.mem_alloc(self._h_emb.nbytes)
         self._d_pos = cuda.mem_alloc(self._h_pos.nbytes)
         self._d_logits = cuda.mem_alloc(self._h_logits.nbytes)
+        if self.plugin:
+            self._h_len = cuda.pagelocked_empty((1,), np.int32)
+            self._d_len = cuda.mem_alloc(self._h_len.nbytes)
 
     def _alloc_kv(self):
-        nbytes = self.kv_heads * self.max_context * self.head_dim * self._kv_dtype.itemsize
         with self._active():
+            if self.plugin:  # one in-place K+V buffer per layer
+                nbytes = 2 * self.kv_heads * self.capacity * self.head_dim * self._kv_dtype.itemsize
+                return [[(self._cuda.mem_alloc(nbytes),) for _ in range(self.num_layers)]]
+            nbytes = self.kv_heads * self.max_context * self.head_dim * self._kv_dtype.itemsize
             return [[(self._cuda.mem_alloc(nbytes), self._cuda.mem_alloc(nbytes)) for _ in range(self.num_layers)]
                     for _ in range(2)]
 
     def kv_cache_bytes(self) -> int:
-        """Device memory one cache holds (both ping-pong sets)."""
-        return 2 * 2 * self.num_layers * self.kv_heads * self.max_context * self.head_dim * self._kv_dtype.itemsize
+        """Device memory one cache holds (plugin: one K+V buffer per layer; standard: both ping-pong sets)."""
+        per_token = 2 * self.num_layers * self.kv_heads * self.head_dim * self._kv_dtype.itemsize
+        return per_token * self.capacity if self.plugin else 2 * per_token * self.max_context
 
     # -- backend interface --
 
@@ -341,25 +379,46 @@ class TensorRTDecoder:
         h_pos[...] = position_ids
         cuda.memcpy_htod_async(self._d_emb, h_emb, stream)
         cuda.memcpy_htod_async(self._d_pos, h_pos, stream)
+        dec.select_profile(n, stream)
         dec.set_shape("inputs_embeds", (1, n, self.hidden_size))
         dec.set_shape("position_ids", (1, n))
         ctx = dec.context
         ctx.set_tensor_address("inputs_embeds", int(self._d_emb))
         ctx.set_tensor_address("position_ids", int(self._d_pos))
         ctx.set_tensor_address("logits", int(self._d_logits))
-        src, dst = cache._bufs[cache._cur], cache._bufs[1 - cache._cur]
-        past_shape = (1, self.kv_heads, past, self.head_dim)
-        for i in range(self.num_layers):
-            for j, kind in enumerate(("key", "value")):
-                dec.set_shape(f"past_{kind}.{i}", past_shape)
-                ctx.set_tensor_address(f"past_{kind}.{i}", int(src[i][j]))
-                ctx.set_tensor_address(f"present_{kind}.{i}", int(dst[i][j]))
+        if self.plugin:
+            self._bind_plugin_cache(cache, past)
+        else:
+            self._bind_ping_pong(cache, past)
         dec.execute(stream)
         if want_logits:
             cuda.memcpy_dtoh_async(self._h_logits, self._d_logits, stream)
         stream.synchronize()
         cache.length = past + n
-        cache._cur = 1 - cache._cur
+        if not self.plugin:
+            cache._cur = 1 - cache._cur
+
+    def _bind_plugin_cache(self, cache: TensorRTCache, past: int) -> None:
+        """Each layer's one buffer is both the cache input and its (aliased) output."""
+        self._h_len[0] = past
+        self._cuda.memcpy_htod_async(self._d_len, self._h_len, self._stream)
+        self._dec.set_shape(ops.PAST_LENGTHS, (1,))
+        self._dec.context.set_tensor_address(ops.PAST_LENGTHS, int(self._d_len))
+        shape = (1, 2, self.kv_heads, self.capacity, self.head_dim)
+        for i, (buf,) in enumerate(cache._bufs[0]):
+            self._dec.set_shape(ops.cache_input(i), shape)
+            self._dec.context.set_tensor_address(ops.cache_input(i), int(buf))
+            self._dec.context.set_tensor_address(ops.cache_output(i), int(buf))
+
+    def _bind_ping_pong(self, cache: TensorRTCache, past: int) -> None:
+        ctx = self._dec.context
+        src, dst = cache._bufs[cache._cur], cache._bufs[1 - cache._cur]
+        past_shape = (1, self.kv_heads, past, self.head_dim)
+        for i in range(self.num_layers):
+            for j, kind in enumerate(("key", "value")):
+                self._dec.set_shape(f"past_{kind}.{i}", past_shape)
+                ctx.set_tensor_address(f"past_{kind}.{i}", int(src[i][j]))
+                ctx.set_tensor_address(f"present_{kind}.{i}", int(dst[i][j]))
 
     def close(self) -> None:
         """Free the spare KV buffers now (live caches free theirs when closed or collected)."""
