@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .devices import check_build, load_profile
 from .export.decoder import export_decoder, export_embedding
+from .export.cpu_graph import GQA_HEAD_DIM_MULTIPLE, write_cpu_graph
 from .export.plugin_graph import write_plugin_graph
 from .models.checkpoint import CheckpointError, open_checkpoint
 from .package import Manifest, graph_entry, write_manifest
@@ -49,7 +50,7 @@ def _golden(out_dir: Path, manifest: Manifest, tok: Tokenizer) -> dict:
     from .golden import golden_prompts, record_golden
     from .runtime.onnxruntime import OnnxRuntimeBackend
 
-    backend = OnnxRuntimeBackend(out_dir, manifest, accuracy_level=0)
+    backend = OnnxRuntimeBackend(out_dir, manifest, accuracy_level=0, graph="decoder")
     golden = record_golden(backend, golden_prompts(lambda text: tok.encode(text, bos=True)),
                            manifest.graphs["decoder"].inputs[0].dtype)
     log.info("golden outputs recorded: %d prompts x %d greedy tokens", len(golden["records"]), golden["steps"])
@@ -95,6 +96,8 @@ def build(checkpoint: str | Path, recipe: QuantRecipe, device: str = "cpu", out:
     graphs = {"embed": graph_entry(out_dir, "embed.onnx"), "decoder": graph_entry(out_dir, "decoder.onnx")}
     if plugins and profile.backend == "tensorrt":
         graphs["decoder_plugins"] = graph_entry(out_dir, write_plugin_graph(decoder).name)
+    if profile.backend == "onnxruntime" and cfg.text.head_dim % GQA_HEAD_DIM_MULTIPLE == 0:
+        graphs["decoder_cpu"] = graph_entry(out_dir, write_cpu_graph(decoder, cfg.text, context_length).name)
     if cfg.vision is not None:
         from .export.vision import export_vision
         from .models.pixtral import load_vision_weights

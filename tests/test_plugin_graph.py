@@ -18,7 +18,7 @@ N_NEW = 24  # with 40-token prompts the positions cross the 16/32/48 query-scale
 
 
 def _pair(pkg):
-    standard = edge_sdk.load(pkg, accuracy_level=0)  # exact INT4 kernel: the comparison is the graph's
+    standard = edge_sdk.load(pkg, accuracy_level=0, graph="decoder")  # the standard graph, exact INT4 kernel
     plugin = PluginGraphReference(pkg, standard.manifest, graph=write_plugin_graph(pkg / "decoder.onnx"),
                                   max_context=128)
     return standard.backend, plugin

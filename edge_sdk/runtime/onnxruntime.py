@@ -1,8 +1,16 @@
 """The CPU backend: the package's ONNX graphs on ONNX Runtime.
 
-These are the same graphs TensorRT compiles on a Jetson, so running them here in CI checks the
+These are the graphs TensorRT compiles on a Jetson, so running them here in CI checks the
 artifact that ships. `accuracy_level` picks ONNX Runtime's MatMulNBits kernel for INT4 weights:
 4 quantizes activations to int8 (fast), 0 keeps them in float (exact, for golden tests).
+
+Two decoder forms, one interface:
+- `decoder.cpu.onnx` (CPU-profile packages; export/cpu_graph.py): fused GroupQueryAttention
+  over KV buffers this backend preallocates; each buffer is bound as both past and present, so
+  ONNX Runtime appends in place. A cache grows by doubling (one copy per doubling, not per step);
+- `decoder.onnx` (the standard graph, any package): past/present concatenated by the graph each
+  step; presents are bound as the next step's pasts without a copy out to NumPy.
+`graph="decoder"` forces the standard one.
 """
 
 from __future__ import annotations
@@ -15,27 +23,43 @@ from pathlib import Path
 import numpy as np
 
 from .embedding import EmbeddingTable
+from .types import ContextOverflowError
 
 log = logging.getLogger(__name__)
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
-#: The graphs run here; embed.onnx's table is gathered on the host, and the TensorRT plugin
-#: graph needs the plugins (plugins/reference_backend.py runs it with their NumPy references).
-ORT_ROLES = ("decoder", "vision")
 
 
 @dataclass
 class OrtCache:
-    """Per-layer past keys/values [1, kv_heads, length, head_dim], as ONNX Runtime's own values:
-    one step's presents are bound as the next step's pasts, never copied out to NumPy."""
+    """Standard graph: per-layer past keys/values [1, kv_heads, length, head_dim], as ONNX
+    Runtime's own values: one step's presents are bound as the next step's pasts."""
 
     values: dict[str, object]
+
+
+@dataclass
+class InPlaceCache:
+    """CPU graph: per-layer key and value buffers [1, kv_heads, capacity, head_dim] (NumPy arrays
+    and the OrtValues over their memory), of which the first `length` positions are filled."""
+
+    arrays: dict[str, np.ndarray]
+    values: dict[str, object]
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.arrays.values())).shape[2]
+
+
+FIRST_CAPACITY = 256  # tokens; a cache doubles from here up to the package's context
 
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, package_dir: Path, manifest, threads: int | None = None, accuracy_level: int = 4):
+    def __init__(self, package_dir: Path, manifest, threads: int | None = None, accuracy_level: int = 4,
+                 graph: str | None = None):
         import onnxruntime as ort
 
         if accuracy_level not in ACCURACY_LEVELS:
@@ -46,34 +70,59 @@ class OnnxRuntimeBackend:
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
         options.log_severity_level = 3  # keep ONNX Runtime's shape-merge chatter out of user logs
         self.package_dir = Path(package_dir)
+        role = graph or ("decoder_cpu" if "decoder_cpu" in manifest.graphs else "decoder")
+        if role not in ("decoder", "decoder_cpu") or role not in manifest.graphs:
+            raise ValueError(f"{package_dir}: no {role!r} graph to run (graphs: {', '.join(manifest.graphs)})")
+        self.in_place = role == "decoder_cpu"
+        self.context_length = manifest.context_length
+        roles = {"decoder": role, **({"vision": "vision"} if "vision" in manifest.graphs else {})}
         self.sessions = {
-            role: ort.InferenceSession(str(self.package_dir / entry.file), options, providers=["CPUExecutionProvider"])
-            for role, entry in manifest.graphs.items() if role in ORT_ROLES
+            name: ort.InferenceSession(str(self.package_dir / manifest.graphs[r].file), options,
+                                       providers=["CPUExecutionProvider"])
+            for name, r in roles.items()
         }
         self.embeddings = EmbeddingTable.open(self.package_dir / manifest.graphs["embed"].file)
         decoder = self.sessions["decoder"]
-        self.cache_names = [i.name for i in decoder.get_inputs() if i.name.startswith("past_")]
+        self.cache_names = [i.name for i in decoder.get_inputs() if i.name.startswith("past_key")
+                            or i.name.startswith("past_value")]
         self.output_names = [o.name for o in decoder.get_outputs()]
-        past = decoder.get_inputs()[2]
+        past = next(i for i in decoder.get_inputs() if i.name == self.cache_names[0])
         self.kv_heads, self.head_dim = past.shape[1], past.shape[3]
         self.dtype = np.float16 if "float16" in past.type else np.float32
-        log.info("onnxruntime backend: %d threads, INT4 accuracy level %d, %s graphs",
-                 options.intra_op_num_threads, accuracy_level, np.dtype(self.dtype).name)
+        log.info("onnxruntime backend: %d threads, INT4 accuracy level %d, %s graphs, %s KV cache",
+                 options.intra_op_num_threads, accuracy_level, np.dtype(self.dtype).name,
+                 "in-place" if self.in_place else "concatenated")
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.embeddings.lookup(ids)
 
-    def new_cache(self) -> OrtCache:
+    def new_cache(self) -> OrtCache | InPlaceCache:
+        if self.in_place:
+            return self._buffers(min(FIRST_CAPACITY, self.context_length))
         import onnxruntime as ort
 
         empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
         return OrtCache({name: ort.OrtValue.ortvalue_from_numpy(empty) for name in self.cache_names})
 
-    def forward(self, embeds: np.ndarray, position_ids: np.ndarray, cache: OrtCache) -> tuple[np.ndarray, OrtCache]:
+    def _buffers(self, capacity: int, old: InPlaceCache | None = None) -> InPlaceCache:
+        """Buffers of ``capacity`` tokens, holding ``old``'s cached tokens if given."""
+        import onnxruntime as ort
+
+        arrays = {name: np.zeros((1, self.kv_heads, capacity, self.head_dim), dtype=self.dtype)
+                  for name in self.cache_names}
+        if old is not None:
+            for name, array in arrays.items():
+                array[:, :, :old.length] = old.arrays[name][:, :, :old.length]
+        values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+        return InPlaceCache(arrays, values, old.length if old is not None else 0)
+
+    def forward(self, embeds: np.ndarray, position_ids: np.ndarray, cache: OrtCache | InPlaceCache):
         session = self.sessions["decoder"]
         binding = session.io_binding()
         binding.bind_cpu_input("inputs_embeds", np.asarray(embeds, dtype=self.dtype).reshape(1, -1, embeds.shape[-1]))
         binding.bind_cpu_input("position_ids", np.asarray(position_ids, dtype=np.int64).reshape(1, -1))
+        if self.in_place:
+            return self._forward_in_place(binding, len(embeds), cache)
         for name, value in cache.values.items():
             binding.bind_ortvalue_input(name, value)
         for name in self.output_names:
@@ -83,6 +132,25 @@ class OnnxRuntimeBackend:
         presents = {name.replace("present_", "past_"): value
                     for name, value in zip(self.output_names[1:], outputs[1:])}
         return outputs[0].numpy()[0], OrtCache(presents)
+
+    def _forward_in_place(self, binding, n: int, cache: InPlaceCache) -> tuple[np.ndarray, InPlaceCache]:
+        need = cache.length + n
+        if need > self.context_length:
+            raise ContextOverflowError(f"{cache.length} cached + {n} new tokens exceed the context of "
+                                       f"{self.context_length} tokens")
+        if need > cache.capacity:
+            capacity = cache.capacity
+            while capacity < need:
+                capacity *= 2
+            cache = self._buffers(min(capacity, self.context_length), cache)
+        binding.bind_cpu_input("past_lengths", np.array([cache.length], dtype=np.int32))
+        binding.bind_output("logits", "cpu")
+        for name, value in cache.values.items():  # one buffer, read and written in place
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(name.replace("past_", "present_"), value)
+        self.sessions["decoder"].run_with_iobinding(binding)
+        cache.length = need
+        return binding.get_outputs()[0].numpy()[0], cache
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         if "vision" not in self.sessions:

@@ -1,0 +1,49 @@
+"""The CPU graph (fused GroupQueryAttention over in-place KV buffers) against the standard graph
+it is derived from: same logits and greedy tokens over a long generation that crosses the
+query-scale steps, through chunked prefill and several doublings of the cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edge_sdk
+from edge_sdk.runtime import onnxruntime as ort_backend
+from edge_sdk.runtime.types import ContextOverflowError
+
+N_NEW = 60  # positions 12 .. 72: past the 16/32/48/64 query-scale steps of the tiny config
+
+
+@pytest.mark.parametrize("quant,recipe", [("none", {}), ("int4", dict(block_size=32)), ("fp8", {})])
+def test_cpu_graph_matches_standard_graph(tiny_checkpoints, build_package, monkeypatch, quant, recipe):
+    monkeypatch.setattr(ort_backend, "FIRST_CAPACITY", 16)  # 16 -> 32 -> 64 -> 128 within the run
+    pkg = build_package(tiny_checkpoints["mm_tied"], quant, **recipe)
+    fused = edge_sdk.load(pkg, accuracy_level=0)
+    standard = edge_sdk.load(pkg, accuracy_level=0, graph="decoder")
+    assert fused.backend.in_place and not standard.backend.in_place
+    prompt = [1, 3, 1091, 1500, 2041, 1201, 3333, 1044, 4, 1600, 1200, 1300]
+    runs = []
+    for backend in (fused.backend, standard.backend):
+        cache = backend.new_cache()
+        logits, cache = backend.forward(backend.embed(np.array(prompt[:7])), np.arange(7), cache)
+        logits, cache = backend.forward(backend.embed(np.array(prompt[7:])), np.arange(7, 12), cache)
+        tokens, steps = [], [logits]
+        for pos in range(12, 12 + N_NEW):
+            tokens.append(int(steps[-1].argmax()))
+            logits, cache = backend.forward(backend.embed(np.array([tokens[-1]])), np.array([pos]), cache)
+            steps.append(logits)
+        runs.append((tokens, np.stack(steps), cache))
+    (got_tokens, got, cache), (want_tokens, want, _) = runs
+    assert got_tokens == want_tokens
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+    assert cache.length == 12 + N_NEW and cache.capacity == 128
+
+
+def test_cpu_graph_cache_stops_at_the_context(tiny_checkpoints, build_package):
+    backend = edge_sdk.load(build_package(tiny_checkpoints["mm_tied"], "none")).backend
+    cache = backend.new_cache()
+    ctx = backend.context_length
+    _, cache = backend.forward(backend.embed(np.arange(ctx - 1)), np.arange(ctx - 1), cache)
+    assert cache.capacity == ctx
+    with pytest.raises(ContextOverflowError, match=f"{ctx - 1} cached \\+ 2 new tokens exceed the context"):
+        backend.forward(backend.embed(np.arange(2)), np.arange(ctx - 1, ctx + 1), cache)
