@@ -19,6 +19,7 @@ EPILOG = """examples:
   edge-sdk serve engines/my-model --host localhost --port 1883 --device-id robot-1
   edge-sdk bench engines/my-model [--mqtt | --vision]
   edge-sdk devices
+  edge-sdk flash --package engines/my-model --target nvidia@jetson.local
 """
 
 
@@ -165,6 +166,7 @@ def cmd_devices(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .flash.cli import add_flash_commands
     from .serve.cli import add_schema_arguments, add_serve_arguments, run_schema, run_serve
 
     parser = argparse.ArgumentParser(prog="edge-sdk", description=__doc__.splitlines()[0], epilog=EPILOG,
@@ -251,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="print the JSON Schemas of the MQTT payloads")
     add_schema_arguments(p)
     p.set_defaults(func=run_schema)
+
+    add_flash_commands(sub)
 
     p = sub.add_parser("devices", help="list device profiles")
     p.set_defaults(func=cmd_devices)
