@@ -3,6 +3,8 @@
 #   make test   run the test suite
 #   make serve  the device set-up locally: mosquitto with devices/mosquitto's config + the daemon on the demo package
 #   make bench-peers [LAYERS=6]  CPU decode vs llama.cpp and ONNX Runtime GenAI on the same weights (slow: builds the peers)
+#   make flash PACKAGE=DIR [DEVICE=user@host]  install SDK + model + daemon on a Jetson; make rollback, make unflash
+#   make test-flash  the flash tests against a test device (slow)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -10,7 +12,7 @@ PY     := $(VENV)/bin/python
 SYSTEM_PACKAGES := mosquitto mosquitto-clients libmosquitto-dev gcc
 DEMO_DIR := engines/demo
 
-.PHONY: demo test serve bench-peers system-deps install clean
+.PHONY: demo test test-flash flash rollback unflash serve bench-peers system-deps install clean
 
 # Debian packages: the broker the daemon talks to, and libmosquitto for the C firmware example.
 system-deps:
@@ -45,7 +47,24 @@ serve: install $(DEMO_DIR)/int4-cpu/manifest.json
 TRT_HEADERS ?= $(shell ls -d $(CURDIR)/../shared/third_party/tensorrt/*/include 2>/dev/null | tr '\n' ':')
 
 test: install
-	EDGE_SDK_TRT_HEADERS="$(TRT_HEADERS)" $(PY) -m pytest -q
+	EDGE_SDK_TRT_HEADERS="$(TRT_HEADERS)" $(PY) -m pytest -q -m "not flash"
+
+# `make flash` against a test device (sshd in network + mount namespaces of its own; needs root).
+FLASH_TEST_PACKAGES := openssh-server openssh-client rsync iproute2
+test-flash: install
+	@$(MAKE) --no-print-directory system-deps SYSTEM_PACKAGES="$(FLASH_TEST_PACKAGES)"
+	$(PY) -m pytest -q -m flash
+
+# On the device itself: make flash PACKAGE=engines/...   From a workstation: add DEVICE=user@host.
+# CHECKPOINT=... builds the package for the device's profile (PROFILE=..., default: what it reports).
+FLASH_ARGS = --target $(or $(DEVICE),local) $(if $(PACKAGE),--package $(PACKAGE))$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
+	$(if $(PROFILE),--profile $(PROFILE)) $(if $(DEVICE_ID),--device-id $(DEVICE_ID))
+flash: install
+	$(VENV)/bin/edge-sdk flash $(FLASH_ARGS)
+rollback: install
+	$(VENV)/bin/edge-sdk rollback --target $(or $(DEVICE),local)
+unflash: install
+	$(VENV)/bin/edge-sdk unflash --target $(or $(DEVICE),local)
 
 # The peers live in their own environment (their builds pull other versions of ONNX Runtime and
 # friends); llama.cpp is compiled with portable flags (AVX2/FMA/F16C, no -march=native).

@@ -101,8 +101,9 @@ def venv_key(facts: dict[str, str]) -> str:
 
 
 def package_key(package: Path) -> str:
-    manifest = json.loads((package / "manifest.json").read_text())
-    return _digest(json.dumps(manifest["files"], sort_keys=True), json.dumps(manifest["graphs"], sort_keys=True))
+    """The package as built here: its manifest (every file's sha256 and the model's facts). The
+    device's copy may gain TensorRT engines and a manifest that lists them; its key stays."""
+    return _digest((package / "manifest.json").read_bytes())
 
 
 def release_id(files: list[str], pkg_key: str, env_key: str, opts: FlashOptions) -> str:
@@ -149,11 +150,23 @@ def _log_line(target: Target, root: str, **event) -> None:
 
 
 def flash(opts: FlashOptions, progress: bool = True) -> FlashReport:
-    """Preflight, send, install, switch, restart, health-check; roll back on a failed check."""
-    t, root = opts.target, opts.root
+    """Preflight, send, install, switch, restart, health-check; roll back on a failed check.
+    A device-side failure before the switch leaves the running release as it was."""
     stages = tqdm(total=9, desc="flash", unit="stage", disable=not progress, leave=False)
+    at = ["preflight"]
+    try:
+        return _flash(opts, stages, at)
+    except TargetError as exc:
+        raise FlashError(f"flash stopped at {at[0]}: {exc}") from None
+    finally:
+        stages.close()
+
+
+def _flash(opts: FlashOptions, stages, at: list[str]) -> FlashReport:
+    t, root = opts.target, opts.root
 
     def stage(name: str) -> None:
+        at[0] = name
         stages.set_description(f"flash: {name}")
         stages.update(1)
         log.info("flash %s: %s", t.name, name)
@@ -199,7 +212,6 @@ def flash(opts: FlashOptions, progress: bool = True) -> FlashReport:
         why = _health(t, opts)
         if why:
             raise FlashError(f"release {rid} is current but not healthy: {why}")
-        stages.close()
         _log_line(t, root, event="flash", release=rid, changed=False, files_sent=report.files_sent)
         return report
     stage("switch")
@@ -208,7 +220,6 @@ def flash(opts: FlashOptions, progress: bool = True) -> FlashReport:
     t.step("restart", root)
     stage("health")
     why = _health(t, opts)
-    stages.close()
     if why is None:
         _log_line(t, root, event="flash", release=rid, changed=True, files_sent=report.files_sent,
                   bytes_sent=report.bytes_sent, venv=report.venv, engines=report.engines)
