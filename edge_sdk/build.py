@@ -45,14 +45,16 @@ def _write_tokenizer(src: Path, dst: Path, max_image_size: int) -> None:
     dst.write_text(json.dumps(data, ensure_ascii=False))
 
 
-def _golden(out_dir: Path, manifest: Manifest, tok: Tokenizer) -> dict:
-    """Reference outputs for the golden check (golden.py), from the standard graph on the CPU."""
-    from .golden import golden_prompts, record_golden
-    from .runtime.onnxruntime import OnnxRuntimeBackend
+def _golden(out_dir: Path, manifest: Manifest, tok_path: Path) -> dict:
+    """Reference outputs for the golden check (golden.py), from the standard graph on the CPU, in
+    a child process: the build's peak memory is then the larger of quantizing and running, not
+    their sum (an ONNX Runtime session holds its own copy of the weights)."""
+    import multiprocessing
 
-    backend = OnnxRuntimeBackend(out_dir, manifest, accuracy_level=0, graph="decoder")
-    golden = record_golden(backend, golden_prompts(lambda text: tok.encode(text, bos=True)),
-                           manifest.graphs["decoder"].inputs[0].dtype)
+    from .golden import record_package_golden
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        golden = pool.apply(record_package_golden, (str(out_dir), manifest.model_dump_json(), str(tok_path)))
     log.info("golden outputs recorded: %d prompts x %d greedy tokens", len(golden["records"]), golden["steps"])
     return golden
 
@@ -111,7 +113,8 @@ def build(checkpoint: str | Path, recipe: QuantRecipe, device: str = "cpu", out:
         context_length=context_length, graphs=graphs, tokenizer="tekken.json",
         extra={"quant_report": [asdict(r) for r in quantized.report],
                **({"head_report": quantized.head_report.summary()} if quantized.head_report else {})})
-    manifest = manifest.model_copy(update={"extra": {**manifest.extra, "golden": _golden(out_dir, manifest, tok)}})
+    golden = _golden(out_dir, manifest, out_dir / "tekken.json")
+    manifest = manifest.model_copy(update={"extra": {**manifest.extra, "golden": golden}})
     if profile.backend == "tensorrt":
         from .compile import compile_engines
 

@@ -30,6 +30,19 @@ def golden_prompts(encode: Callable[[str], list[int]]) -> list[list[int]]:
     return [encode(text) for text in GOLDEN_TEXTS]
 
 
+def record_package_golden(package_dir: str, manifest_json: str, tokenizer_path: str) -> dict:
+    """`record_golden` for a package being built: its standard graph, the exact INT4 kernel."""
+    from .package import Manifest
+    from .runtime.onnxruntime import OnnxRuntimeBackend
+    from .tokenizer import Tokenizer
+
+    manifest = Manifest.model_validate_json(manifest_json)
+    tok = Tokenizer.from_file(tokenizer_path)
+    backend = OnnxRuntimeBackend(package_dir, manifest, accuracy_level=0, graph="decoder")
+    return record_golden(backend, golden_prompts(lambda text: tok.encode(text, bos=True)),
+                         manifest.graphs["decoder"].inputs[0].dtype)
+
+
 def record_golden(backend, prompts: list[list[int]], dtype: str, steps: int = STEPS, top_k: int = TOP_K) -> dict:
     """Run ``backend`` greedily on ``prompts``; the manifest's ``extra["golden"]``."""
     records = []
