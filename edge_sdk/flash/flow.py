@@ -22,7 +22,6 @@ import platform
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +84,10 @@ def code_files() -> list[str]:
 
 def requirements() -> list[str]:
     """The runtime dependencies (pyproject's [project].dependencies): what the device's venv holds."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10 (JetPack 6)
+        import tomli as tomllib  # type: ignore[no-redef]
     return tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]["dependencies"]
 
 
