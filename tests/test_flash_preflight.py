@@ -16,6 +16,7 @@ ORIN_NANO = {
     "l4t_core": "36.4.3-20250107174145", "model": "NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super",
     "tensorrt": "10.3.0.30-1+cuda12.5", "cuda": "12.6.68", "power_mode": "MAXN_SUPER", "python": "3.10",
     "mem_total_kb": str(7_800_000), "disk_free_bytes": str(40 * 10**9), "mosquitto": "installable", "current": "none",
+    "python_venv": "yes", "rsync": "yes", "sudo": "root",
 }
 
 
@@ -38,6 +39,9 @@ def test_a_healthy_orin_nano_passes(orin_manifest):
     ({"tensorrt": ""}, "TensorRT not found"),
     ({"python": "3.8"}, "python3 3.8: needs 3.10+"),
     ({"mosquitto": "missing"}, "mosquitto is neither installed nor installable"),
+    ({"python_venv": "no"}, "apt install python3-venv"),
+    ({"rsync": "no"}, "rsync is not installed on the device"),
+    ({"uid": "1000", "sudo": "no"}, "`sudo -n` asks for a password"),
     ({"disk_free_bytes": str(10**9)}, "1.0 GB free where the release goes, needs 1.6 GB"),
     ({"model": "NVIDIA Jetson AGX Orin Developer Kit"}, "package was built for orin-nano-8gb but the device is agx-orin-64gb"),
 ])

@@ -51,6 +51,9 @@ facts() {
     say nvcc "$( [ -x /usr/local/cuda/bin/nvcc ] && echo yes || echo no)"
     say power_mode "$(nvpmodel -q 2>/dev/null | grep -i 'power mode' | head -n1 | sed 's/.*: *//' || true)"
     say python "$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)"
+    say python_venv "$(python3 -c 'import ensurepip, venv' 2>/dev/null && echo yes || echo no)"
+    say rsync "$(command -v rsync >/dev/null && echo yes || echo no)"
+    say sudo "$( [ "$(id -u)" = 0 ] && echo root || (sudo -n true 2>/dev/null && echo yes || echo no))"
     say mem_total_kb "$(awk '/^MemTotal:/{print $2}' /proc/meminfo)"
     local root=${1:-/opt/edge-sdk}
     local probe=$root

@@ -81,6 +81,12 @@ def run_preflight(facts: dict[str, str], manifest, package_bytes: int, profile_n
     py = _version(facts.get("python", ""))
     if py < MIN_PYTHON:
         fail(f"python3 {facts.get('python') or 'missing'}: needs {'.'.join(map(str, MIN_PYTHON))}+")
+    if facts.get("python_venv") == "no":
+        fail("python3 cannot make virtual environments (no ensurepip): apt install python3-venv")
+    if facts.get("rsync") == "no":
+        fail("rsync is not installed on the device: apt install rsync")
+    if facts.get("sudo") == "no":
+        fail("the login is not root and `sudo -n` asks for a password: allow it passwordless sudo, or log in as root")
     if facts.get("mosquitto") == "missing":
         fail("mosquitto is neither installed nor installable (apt-cache policy mosquitto): add it to the image")
     disk = int(facts.get("disk_free_bytes") or 0)
