@@ -46,7 +46,11 @@ serve: install $(DEMO_DIR)/int4-cpu/manifest.json
 # TensorRT's public headers for the plugin compile checks, where the development machines keep them.
 TRT_HEADERS ?= $(shell ls -d $(CURDIR)/../shared/third_party/tensorrt/*/include 2>/dev/null | tr '\n' ':')
 
+# Speech fixtures for the audio tests are spoken by espeak-ng and resampled by sox.
+TEST_PACKAGES := espeak-ng sox
+
 test: install
+	@$(MAKE) --no-print-directory system-deps SYSTEM_PACKAGES="$(TEST_PACKAGES)"
 	EDGE_SDK_TRT_HEADERS="$(TRT_HEADERS)" $(PY) -m pytest -q -m "not flash"
 
 # `make flash` against a test device (sshd in network + mount namespaces of its own; needs root).
