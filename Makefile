@@ -46,8 +46,9 @@ serve: install $(DEMO_DIR)/int4-cpu/manifest.json
 # TensorRT's public headers for the plugin compile checks, where the development machines keep them.
 TRT_HEADERS ?= $(shell ls -d $(CURDIR)/../shared/third_party/tensorrt/*/include 2>/dev/null | tr '\n' ':')
 
-# Speech fixtures for the audio tests are spoken by espeak-ng and resampled by sox.
-TEST_PACKAGES := espeak-ng sox
+# Speech fixtures for the audio tests are spoken by espeak-ng and resampled by sox; arecord
+# (alsa-utils) captures from ALSA's file plugin in the microphone tests.
+TEST_PACKAGES := espeak-ng sox alsa-utils
 
 test: install
 	@$(MAKE) --no-print-directory system-deps SYSTEM_PACKAGES="$(TEST_PACKAGES)"
