@@ -106,11 +106,17 @@ def build(checkpoint: str | Path, recipe: QuantRecipe, device: str = "cpu", out:
 
         export_vision(load_vision_weights(ckpt), cfg.vision, cfg.text.hidden_size, out_dir, dtype=dtype)
         graphs["vision"] = graph_entry(out_dir, "vision.onnx")
+    if cfg.audio is not None:
+        from .export.audio import export_audio, load_audio_weights
+
+        export_audio(load_audio_weights(ckpt), cfg.audio, cfg.text.hidden_size, out_dir, dtype=dtype)
+        graphs["audio"] = graph_entry(out_dir, "audio.onnx")
     _write_tokenizer(tok_path, out_dir / "tekken.json", profile.max_image_size)
 
     manifest = Manifest(
         model_name=ckpt_dir.resolve().name, model=cfg, quant=recipe.model_dump(), device=profile.name,
         context_length=context_length, graphs=graphs, tokenizer="tekken.json",
+        modalities=["text"] + [m for m, role in (("image", "vision"), ("audio", "audio")) if role in graphs],
         extra={"quant_report": [asdict(r) for r in quantized.report],
                **({"head_report": quantized.head_report.summary()} if quantized.head_report else {})})
     golden = _golden(out_dir, manifest, out_dir / "tekken.json")

@@ -16,6 +16,7 @@ EPILOG = """examples:
   edge-sdk build ./Ministral-3-3B-Instruct-2512 --quant int4 --device orin-nano-8gb
   edge-sdk generate engines/my-model --prompt "Where is the charging dock?" --max-tokens 64
   edge-sdk verify engines/my-model [--run]
+  edge-sdk transcribe engines/voxtral-int4-cpu command.wav --language en
   edge-sdk serve engines/my-model --host localhost --port 1883 --device-id robot-1
   edge-sdk bench engines/my-model [--mqtt | --vision]
   edge-sdk devices
@@ -67,9 +68,11 @@ def _prompt(args):
             return json.loads(Path(args.messages).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"{args.messages}: cannot read chat messages ({exc})") from None
-    if args.image:
-        return [{"role": "user", "content": [{"type": "image", "image": str(img)} for img in args.image]
-                 + [{"type": "text", "text": args.prompt or "Describe the image."}]}]
+    if args.image or args.audio:
+        parts = [{"type": "image", "image": str(img)} for img in args.image or []]
+        parts += [{"type": "audio", "audio": str(clip)} for clip in args.audio or []]
+        default = "Describe the image." if args.image else "What is said?"
+        return [{"role": "user", "content": parts + [{"type": "text", "text": args.prompt or default}]}]
     return args.prompt
 
 
@@ -94,6 +97,16 @@ def cmd_generate(args) -> int:
         logging.getLogger("edge_sdk").info("%s: %d prompt + %d generated tokens, first token %.3f s, %.1f tok/s",
                                            result.finish_reason, result.prompt_tokens, result.completion_tokens,
                                            result.time_to_first_token_s or 0.0, result.tokens_per_second)
+    return 0
+
+
+def cmd_transcribe(args) -> int:
+    from .runtime.model import load
+
+    model = load(args.engine, backend=args.backend, **_backend_options(args))
+    result = model.transcribe(args.audio, language=args.language, max_tokens=args.max_tokens)
+    print(json.dumps({"text": result.text, "tokens": result.tokens, "finish_reason": result.finish_reason})
+          if args.json else result.text)
     return 0
 
 
@@ -205,10 +218,23 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--messages", help="JSON file with a list of chat messages")
     src.add_argument("--prompt-ids", help="comma-separated token ids, used as is (raw completion)")
     p.add_argument("--image", action="append", type=Path, help="image file for the prompt (repeatable)")
+    p.add_argument("--audio", action="append", type=Path, help="audio file (WAV/FLAC/OGG) for the prompt (repeatable; "
+                                                              "Voxtral packages)")
     p.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and usage")
     _add_sampling(p)
     _add_backend(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("transcribe", help="speech to text with a Voxtral package",
+                       description="Transcribe an audio file (WAV, FLAC, OGG; any rate, resampled to 16 kHz; "
+                                   "longer than 30 s is cut into 30 s chunks).")
+    p.add_argument("engine", help="engine package directory (built from a Voxtral checkpoint)")
+    p.add_argument("audio", type=Path, help="audio file")
+    p.add_argument("--language", help="ISO-639-1 code (e.g. en); default: let the model tell")
+    p.add_argument("--max-tokens", type=int, default=512, help="most tokens of transcript (default 512)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with text and tokens")
+    _add_backend(p)
+    p.set_defaults(func=cmd_transcribe)
 
     p = sub.add_parser("verify", help="check an engine package's file hashes (and, with --run, its outputs)",
                        description="Check every file against the manifest's sha256. With --run, also replay the "

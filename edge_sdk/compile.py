@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 DimRange = tuple[int, int, int]  # (min, opt, max)
 #: Graphs compiled by default, the plugin graph first (the backend prefers its engine).
-ENGINE_ROLES = ("decoder_plugins", "decoder", "vision")
+ENGINE_ROLES = ("decoder_plugins", "decoder", "vision", "audio")
+AUDIO_MAX_CHUNKS = 4  # 30 s chunks per audio engine call: two minutes
 
 
 class BuildError(RuntimeError):
@@ -318,7 +319,8 @@ def compile_engines(pkg_dir: Path, manifest, profile: DeviceProfile | str | None
     ctx = manifest.context_length
     decoder = decoder_profiles(ctx, max_prefill)
     dims = {"decoder": decoder, "decoder_plugins": decoder,
-            "vision": {"height": (unit, side, side), "width": (unit, side, side)}}
+            "vision": {"height": (unit, side, side), "width": (unit, side, side)},
+            "audio": {"chunks": (1, 1, AUDIO_MAX_CHUNKS)}}
     engines = dict(manifest.engines)
     keys = dict(manifest.extra.get("engine_keys", {}))
     checks = {}

@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from edge_sdk.models.config import ModelConfig, TextConfig, VisionConfig
+from edge_sdk.models.config import AudioConfig, ModelConfig, TextConfig, VisionConfig
 
 Precision = Literal["fp32", "fp16", "bf16", "int4", "fp8", "fp4"]
 Quant = Literal["none", "int4", "fp8"]
@@ -147,6 +147,15 @@ def vision_parameter_count(vision: VisionConfig, text_hidden: int) -> int:
     return patch + h + vision.num_layers * per_layer + projector
 
 
+def audio_parameter_count(audio: AudioConfig, text_hidden: int) -> int:
+    """Voxtral's audio encoder + projector parameters (kept 16-bit, like the vision tower)."""
+    h = audio.hidden_size
+    convs = audio.num_mel_bins * h * 3 + h * h * 3 + 2 * h
+    per_layer = 4 * h * h + 3 * h + 2 * h * audio.intermediate_size + audio.intermediate_size + h + 4 * h
+    projector = audio.intermediate_size * text_hidden + text_hidden * text_hidden
+    return convs + audio.max_source_positions * h + audio.num_layers * per_layer + 2 * h + projector
+
+
 def kv_cache_bytes(text: TextConfig, context_len: int, bytes_per_value: int) -> int:
     """K and V for every layer: 2 x layers x kv_heads x head_dim x bytes x context."""
     return 2 * text.num_layers * text.num_kv_heads * text.head_dim * bytes_per_value * context_len
@@ -202,6 +211,10 @@ def estimate_memory(profile: DeviceProfile, quant: str, model_config: ModelConfi
         vis = vision_parameter_count(model_config.vision, text.hidden_size)
         weight += vis * cb
         params += vis
+    if include_vision and model_config.audio is not None:
+        aud = audio_parameter_count(model_config.audio, text.hidden_size)
+        weight += aud * cb
+        params += aud
     return MemoryEstimate(
         quant=quant,
         context_len=context_len,

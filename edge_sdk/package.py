@@ -84,6 +84,8 @@ class Manifest(BaseModel):
     graphs: dict[str, GraphEntry] = Field(default_factory=dict)
     engines: dict[str, str] = Field(default_factory=dict)
     tokenizer: str | None = None
+    # What the package takes in: "text", plus "image" (vision.onnx) and/or "audio" (audio.onnx).
+    modalities: list[str] = Field(default_factory=lambda: ["text"])
     # relative POSIX path -> sha256 hex, for every file in the package except manifest.json
     files: dict[str, str] = Field(default_factory=dict)
     extra: dict[str, Any] = Field(default_factory=dict)

@@ -88,3 +88,29 @@ if __name__ == "__main__":
     parser.add_argument("out", help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     print(make_demo_checkpoint(parser.parse_args().out, seed=parser.parse_args().seed))
+
+
+def make_voxtral_checkpoint(out: str | Path, *, seed: int = 0, std: float = 0.08, hidden: int = 32,
+                            intermediate: int = 64, layers: int = 2, heads: int = 2, kv_heads: int = 1,
+                            head_dim: int = 16, vocab: int = 4096, audio_hidden: int = 16, audio_layers: int = 1,
+                            audio_heads: int = 2, dtype: str = "float32") -> Path:
+    """Save a tiny VoxtralForConditionalGeneration (Voxtral-Mini-3B-2507's layout): a Llama text
+    decoder (no YaRN, rope_theta 1e8, its own lm_head) and a Whisper-like encoder whose
+    intermediate size is 4 x hidden, as the projector's frame stacking requires."""
+    import torch
+    from transformers import VoxtralConfig, VoxtralForConditionalGeneration
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    cfg = VoxtralConfig(
+        audio_config=dict(hidden_size=audio_hidden, intermediate_size=4 * audio_hidden, num_hidden_layers=audio_layers,
+                          num_attention_heads=audio_heads, num_mel_bins=128, max_source_positions=1500),
+        text_config=dict(model_type="llama", hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=vocab,
+                         rope_theta=1e8, tie_word_embeddings=False, max_position_embeddings=8192,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=11),
+        audio_token_id=24, projector_hidden_act="gelu")
+    model = VoxtralForConditionalGeneration(cfg).eval()
+    _randomize(model, seed, std)
+    model.to(getattr(torch, dtype)).save_pretrained(out)
+    return out

@@ -30,10 +30,13 @@ _ROLES = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMe
 @dataclass(frozen=True)
 class EncodedPrompt:
     """A chat prompt: token ids, plus one normalised float32 [3, H, W] array per image, in the
-    order their [IMG] blocks appear in `ids` (what vision.onnx takes, after adding a batch dim)."""
+    order their [IMG] blocks appear in `ids` (what vision.onnx takes, after adding a batch dim),
+    and one 16 kHz float32 array per audio clip, padded to whole 30 s chunks, in the order of
+    their [AUDIO] blocks (what media.audio.log_mel takes)."""
 
     ids: list[int]
     images: list[np.ndarray] = field(default_factory=list)
+    audios: list[np.ndarray] = field(default_factory=list)
 
 
 class Tokenizer:
@@ -79,6 +82,12 @@ class Tokenizer:
     pad_id = property(lambda self: self._tk.pad_id, doc="<pad>")
     unk_id = property(lambda self: self._tk.unk_id, doc="<unk>")
     image_token_id = property(lambda self: self.special_id("[IMG]"), doc="[IMG], one per merged patch")
+    audio_token_id = property(lambda self: self.special_id("[AUDIO]"), doc="[AUDIO], one per 80 ms of audio")
+
+    @property
+    def has_audio(self) -> bool:
+        """The tokenizer knows audio (Voxtral's has an audio block)."""
+        return getattr(self._tk, "audio", None) is not None
     image_break_id = property(lambda self: self.special_id("[IMG_BREAK]"), doc="end of an image row")
     image_end_id = property(lambda self: self.special_id("[IMG_END]"), doc="end of an image")
     audio_token_id = property(lambda self: self.special_id("[AUDIO]"), doc="Voxtral audio slot")
@@ -131,8 +140,25 @@ class Tokenizer:
             tokenized = self._mt.encode_chat_completion(request)
         except (MistralCommonException, AssertionError) as e:  # mistral-common also uses asserts
             raise ValueError(f"invalid chat request: {e}") from e
-        return EncodedPrompt(ids=list(tokenized.tokens), images=[np.asarray(im, dtype=np.float32)
-                                                                for im in tokenized.images])
+        return EncodedPrompt(ids=list(tokenized.tokens),
+                             images=[np.asarray(im, dtype=np.float32) for im in tokenized.images],
+                             audios=[np.asarray(a.audio_array, dtype=np.float32) for a in tokenized.audios])
+
+    def encode_transcription(self, audio: Any, language: str | None = None) -> EncodedPrompt:
+        """A transcription request, as mistral-common lays it out:
+        `<s>[INST][BEGIN_AUDIO][AUDIO]... [/INST]lang:xx[TRANSCRIBE]` (no language: no `lang:`)."""
+        from mistral_common.protocol.transcription.request import TranscriptionRequest
+
+        if not self.has_audio:
+            raise ValueError("this tokenizer has no audio support (not a Voxtral tokenizer)")
+        clip = _load_audio("audio", audio)
+        request = TranscriptionRequest(audio=clip.to_base64(clip.format, False), language=language, model="edge_sdk")
+        try:
+            tokenized = self._mt.encode_transcription(request)
+        except (MistralCommonException, AssertionError) as e:
+            raise ValueError(f"invalid transcription request: {e}") from e
+        return EncodedPrompt(ids=list(tokenized.tokens),
+                             audios=[np.asarray(a.audio_array, dtype=np.float32) for a in tokenized.audios])
 
     def _to_messages(self, messages: Sequence[Mapping[str, Any]]) -> list:
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
@@ -150,7 +176,7 @@ class Tokenizer:
             if isinstance(content, (list, tuple)):
                 if not content:
                     raise ValueError(f"message {i}: content list is empty")
-                content = [self._to_chunk(i, j, p, images_ok=(role == "user"))
+                content = [self._to_chunk(i, j, p, media_ok=(role == "user"))
                            for j, p in enumerate(content)]
             elif not isinstance(content, str):
                 raise ValueError(f"message {i} ({role}): content must be a str or a list of parts, "
@@ -163,7 +189,7 @@ class Tokenizer:
         return out
 
     @staticmethod
-    def _to_chunk(i: int, j: int, part: Any, images_ok: bool):
+    def _to_chunk(i: int, j: int, part: Any, media_ok: bool):
         where = f"message {i} part {j}"
         if not isinstance(part, Mapping):
             raise ValueError(f"{where}: must be a dict with a 'type', got {type(part).__name__}")
@@ -172,9 +198,13 @@ class Tokenizer:
             if not isinstance(part.get("text"), str):
                 raise ValueError(f"{where}: text part needs a str 'text'")
             return TextChunk(text=part["text"])
+        if kind in ("image", "image_url", "audio") and not media_ok:
+            raise ValueError(f"{where}: images and audio are only allowed in user messages")
+        if kind == "audio":
+            from mistral_common.protocol.instruct.chunk import AudioChunk
+
+            return AudioChunk.from_audio(_load_audio(where, part.get("audio")))
         if kind in ("image", "image_url"):
-            if not images_ok:
-                raise ValueError(f"{where}: images are only allowed in user messages")
             if kind == "image_url":
                 url = part.get("image_url")
                 url = url.get("url") if isinstance(url, Mapping) else url
@@ -182,7 +212,22 @@ class Tokenizer:
                     raise ValueError(f"{where}: image_url part needs a URL string")
                 return ImageURLChunk(image_url=url)
             return ImageChunk(image=_load_image(where, part.get("image")))
-        raise ValueError(f"{where}: unknown part type {kind!r}; expected 'text', 'image' or 'image_url'")
+        raise ValueError(f"{where}: unknown part type {kind!r}; expected 'text', 'image', 'image_url' or 'audio'")
+
+
+def _load_audio(where: str, audio: Any):
+    """path | bytes | 16 kHz float32 array -> mistral-common's Audio (what it pads and counts)."""
+    from mistral_common.tokens.tokenizers.audio import Audio
+
+    from .media.audio import SAMPLE_RATE, AudioError, load_audio
+
+    try:
+        samples = load_audio(audio)
+    except AudioError as e:
+        raise ValueError(f"{where}: {e}") from e
+    except TypeError:
+        raise ValueError(f"{where}: audio must be a path, bytes or a float32 array, got {type(audio).__name__}") from None
+    return Audio(audio_array=samples, sampling_rate=SAMPLE_RATE, format="wav")
 
 
 def _load_image(where: str, image: Any):

@@ -84,10 +84,11 @@ def test_new_prefix_multimodal_layout_loads_same_weights(tiny_checkpoints, tmp_p
 def test_chat_prompt_uses_instruct_format(tiny_checkpoints, build_package):
     model = edge_sdk.load(build_package(tiny_checkpoints["text"]))
     messages = [{"role": "system", "content": "You are a robot."}, {"role": "user", "content": "Hi"}]
-    ids, images = model.encode_prompt(messages)
+    prompt = model.encode_prompt(messages)
+    ids, images = prompt.ids, prompt.images
     assert ids == model.tokenizer.encode_chat(messages).ids and not images
     assert ids[0] == model.tokenizer.bos_id
-    assert model.encode_prompt("Hi")[0] == model.tokenizer.encode_chat([{"role": "user", "content": "Hi"}]).ids
+    assert model.encode_prompt("Hi").ids == model.tokenizer.encode_chat([{"role": "user", "content": "Hi"}]).ids
 
 
 def test_fp8_checkpoint_matches_transformers(tiny_checkpoints, build_package, tmp_path):

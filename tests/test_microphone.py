@@ -3,7 +3,6 @@ raw file as a capture device), from files paced in real time, with reconnects an
 
 from __future__ import annotations
 
-import io
 import shutil
 import time
 import wave

@@ -50,7 +50,8 @@ def test_image_prompt_matches_transformers(vlm, sizes):
     ckpt, model = vlm
     content = [{"type": "image", "image": picture(h, w, i)} for i, (h, w) in enumerate(sizes)]
     messages = [{"role": "user", "content": content + [{"type": "text", "text": "What is in front of the robot?"}]}]
-    ids, images = model.encode_prompt(messages)
+    prompt = model.encode_prompt(messages)
+    ids, images = prompt.ids, prompt.images
     assert len(images) == len(sizes)
     # The token layout is mistral-common's: [IMG] per merged patch, [IMG_BREAK] per row, [IMG_END].
     assert ids.count(model.tokenizer.image_token_id) == sum(im.shape[1] // 28 * im.shape[2] // 28 for im in images)
@@ -59,7 +60,7 @@ def test_image_prompt_matches_transformers(vlm, sizes):
 
     result = model.generate(messages, max_tokens=12)
     backend = model.backend
-    logits, cache = backend.forward(model._prompt_embeds(ids, images), np.arange(len(ids)), backend.new_cache())
+    logits, cache = backend.forward(model._prompt_embeds(prompt), np.arange(len(ids)), backend.new_cache())
     np.testing.assert_allclose(logits, oracle[-1], atol=LOGIT_TOL, rtol=0)
     full = hf_image_logits(ckpt, ids + result.tokens, images)
     assert result.tokens == [int(t) for t in full[len(ids) - 1:-1].argmax(-1)]
@@ -89,6 +90,6 @@ def test_text_only_package_refuses_images(tiny_checkpoints, build_package):
 def test_device_profile_caps_image_size(tiny_checkpoints, build_package):
     """An Orin Nano package tokenizes a big frame at its own max_image_size (448), not 1540."""
     model = edge_sdk.load(build_package(tiny_checkpoints["mm_tied"], "int4", device="orin-nano-8gb", block_size=32))
-    _, [pixels] = model.encode_prompt([{"role": "user", "content": [{"type": "image", "image": picture(900, 1200, 1)},
-                                                                     {"type": "text", "text": "hi"}]}])
+    [pixels] = model.encode_prompt([{"role": "user", "content": [{"type": "image", "image": picture(900, 1200, 1)},
+                                                                     {"type": "text", "text": "hi"}]}]).images
     assert max(pixels.shape[1:]) <= 448

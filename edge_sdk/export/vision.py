@@ -24,7 +24,6 @@ protobuf's 2 GB limit.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -34,77 +33,23 @@ from onnx import TensorProto
 
 from ..models.config import VisionConfig
 from ..models.pixtral import VISION_NORM_EPS, check_weights, rope_inv_freq
-from .onnx_builder import GraphBuilder
+from .encoder_graph import EncoderGraph, np_dtype
 
 VISION_FILE = "vision.onnx"
 
 
-def _np_dtype(dtype: str):
-    try:
-        return {"float32": np.float32, "float16": np.float16}[dtype]
-    except KeyError:
-        raise ValueError(f"vision export dtype must be float32 or float16, got {dtype!r}") from None
-
-
-class VisionGraph:
+class VisionGraph(EncoderGraph):
     def __init__(self, weights: Mapping[str, np.ndarray], cfg: VisionConfig, text_hidden: int,
                  path: Path, dtype: str = "float32"):
-        self.w = weights
+        super().__init__(weights, "pixtral_vision", path, dtype)
         self.cfg = cfg
         self.text_hidden = text_hidden
-        self.dtype = dtype
-        self.np_dtype = _np_dtype(dtype)
-        self.onnx_dtype = TensorProto.FLOAT if dtype == "float32" else TensorProto.FLOAT16
-        self.g = GraphBuilder("pixtral_vision", path)
-
-    # --- helpers -----------------------------------------------------------------------------
-    def _get(self, name: str) -> np.ndarray:
-        return np.asarray(self.w[name], dtype=np.float32)
-
-    def _has(self, name: str) -> bool:
-        try:
-            return name in self.w
-        except TypeError:
-            return False
-
-    def _to_compute(self, x: str) -> str:
-        return x if self.dtype == "float32" else self.g.op("Cast", x, to=self.onnx_dtype)
-
-    def _to_f32(self, x: str) -> str:
-        return x if self.dtype == "float32" else self.g.op("Cast", x, to=TensorProto.FLOAT)
-
-    def _scalar(self, value: float) -> str:
-        return self.g.const(value, self.np_dtype)
-
-    def _param(self, array: np.ndarray, name: str) -> str:
-        return self.g.weight(np.ascontiguousarray(array, dtype=self.np_dtype), name)
-
-    def _linear(self, x: str, name: str, weight: np.ndarray | None = None) -> str:
-        """x @ W.T (+ bias), W [out, in] stored transposed as `name.weight_t`."""
-        w = self._get(name + ".weight") if weight is None else weight
-        y = self.g.op("MatMul", x, self._param(w.T, name + ".weight_t"))
-        if self._has(name + ".bias"):
-            y = self.g.op("Add", y, self._param(self._get(name + ".bias"), name + ".bias"))
-        return y
-
-    def _rms_norm(self, x: str, weight_name: str, eps: float) -> str:
-        g = self.g
-        x32 = self._to_f32(x)
-        var = g.op("ReduceMean", g.op("Mul", x32, x32), g.const([-1]), keepdims=1)
-        inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(eps, np.float32))))
-        normed = self._to_compute(g.op("Mul", x32, inv))
-        return g.op("Mul", normed, self._param(self._get(weight_name), weight_name))
 
     def _act(self, x: str) -> str:
         g = self.g
         if self.cfg.hidden_act == "silu":
             return g.op("Mul", x, g.op("Sigmoid", x))
         return self._gelu(x)
-
-    def _gelu(self, x: str) -> str:
-        g = self.g
-        e = g.op("Erf", g.op("Mul", x, self._scalar(1.0 / math.sqrt(2.0))))
-        return g.op("Mul", g.op("Mul", x, self._scalar(0.5)), g.op("Add", e, self._scalar(1.0)))
 
     # --- pieces ------------------------------------------------------------------------------
     def _grid(self, pixels: str) -> tuple[str, str]:
@@ -210,7 +155,7 @@ def export_vision(weights: Mapping[str, np.ndarray], cfg: VisionConfig, text_hid
     `dtype`: compute dtype, float32 (CPU profiles) or float16 (GPU profiles). `max_image_size`
     (optional) is recorded in the model metadata for the TensorRT profile's max shape.
     """
-    _np_dtype(dtype)
+    np_dtype(dtype)
     out = check_weights(weights, cfg)
     if out != text_hidden:
         raise ValueError(f"projector outputs {out} features but text_hidden is {text_hidden}")

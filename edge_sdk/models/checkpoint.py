@@ -29,6 +29,8 @@ _HF_PREFIXES = [
     ("language_model.lm_head.", "lm_head."),
     ("model.vision_tower.", "vision_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.audio_tower.", "audio_tower."),
+    ("audio_tower.", "audio_tower."),
     ("vision_tower.", "vision_tower."),
     ("multi_modal_projector.", "multi_modal_projector."),
     ("model.", ""),

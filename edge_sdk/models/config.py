@@ -121,20 +121,44 @@ class VisionConfig(BaseModel):
     projector_hidden_act: str = "gelu"
 
 
+class AudioConfig(BaseModel):
+    """Voxtral's Whisper-like audio encoder plus the projector that feeds the decoder: 128 mel
+    bins, 3000 frames per 30 s chunk -> 1500 encoder frames -> (4 frames concatenated, since the
+    projector's input is `intermediate_size` = 4 x hidden) 375 decoder tokens."""
+
+    model_config = ConfigDict(frozen=True)
+
+    hidden_size: int = 1280
+    intermediate_size: int = 5120
+    num_layers: int = 32
+    num_heads: int = 20
+    num_mel_bins: int = 128
+    max_source_positions: int = 1500
+    layer_norm_eps: float = 1e-5
+    projector_hidden_act: str = "gelu"
+    audio_token_id: int = 24
+
+    @property
+    def tokens_per_chunk(self) -> int:
+        return self.max_source_positions * self.hidden_size // self.intermediate_size
+
+
 class ModelConfig(BaseModel):
-    """What a checkpoint holds: always a text decoder, optionally a vision encoder."""
+    """What a checkpoint holds: always a text decoder, optionally a vision or an audio encoder."""
 
     model_config = ConfigDict(frozen=True)
 
     architecture: str
     text: TextConfig
     vision: VisionConfig | None = None
+    audio: AudioConfig | None = None
     # Weight format found on disk: "fp8" for Mistral's static per-tensor FP8 checkpoints.
     checkpoint_dtype: str = "bfloat16"
 
 
 TEXT_ARCHITECTURES = {"Ministral3ForCausalLM", "MistralForCausalLM"}
 MULTIMODAL_ARCHITECTURES = {"Mistral3ForConditionalGeneration"}
+AUDIO_ARCHITECTURES = {"VoxtralForConditionalGeneration"}
 
 
 def _rope_from_hf(text: dict) -> RopeConfig:
@@ -205,6 +229,20 @@ def _vision_from_hf(cfg: dict) -> VisionConfig:
     )
 
 
+def _audio_from_hf(cfg: dict) -> AudioConfig:
+    a = cfg["audio_config"]
+    audio = AudioConfig(hidden_size=a["hidden_size"], intermediate_size=a["intermediate_size"],
+                        num_layers=a["num_hidden_layers"], num_heads=a["num_attention_heads"],
+                        num_mel_bins=a.get("num_mel_bins", 128), max_source_positions=a.get("max_source_positions", 1500),
+                        projector_hidden_act=cfg.get("projector_hidden_act", "gelu"),
+                        audio_token_id=cfg.get("audio_token_id") if cfg.get("audio_token_id") is not None else 24)
+    if audio.intermediate_size % audio.hidden_size or audio.max_source_positions % (audio.intermediate_size // audio.hidden_size):
+        raise CheckpointError(f"audio_config: the projector concatenates intermediate_size / hidden_size = "
+                              f"{audio.intermediate_size / audio.hidden_size:g} frames; it must be a whole divisor of "
+                              f"max_source_positions ({audio.max_source_positions})")
+    return audio
+
+
 def from_hf_config(path: Path) -> ModelConfig:
     """Parse a transformers `config.json`."""
     try:
@@ -212,7 +250,8 @@ def from_hf_config(path: Path) -> ModelConfig:
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: cannot read config ({exc})") from None
     archs = cfg.get("architectures") or []
-    arch = archs[0] if archs else {"ministral3": "Ministral3ForCausalLM", "mistral3": "Mistral3ForConditionalGeneration"}.get(
+    arch = archs[0] if archs else {"ministral3": "Ministral3ForCausalLM", "mistral3": "Mistral3ForConditionalGeneration",
+                                   "voxtral": "VoxtralForConditionalGeneration"}.get(
         cfg.get("model_type"), "")
     quant = cfg.get("quantization_config") or {}
     dtype = "fp8" if quant.get("quant_method") == "fp8" else cfg.get("torch_dtype", cfg.get("dtype", "bfloat16"))
@@ -222,12 +261,17 @@ def from_hf_config(path: Path) -> ModelConfig:
             tie = bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
             return ModelConfig(architecture=arch, text=_text_from_hf(text, tie), vision=_vision_from_hf(cfg),
                                checkpoint_dtype=str(dtype))
+        if arch in AUDIO_ARCHITECTURES:
+            text = cfg["text_config"]
+            tie = bool(text.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False)))
+            return ModelConfig(architecture=arch, text=_text_from_hf(text, tie), audio=_audio_from_hf(cfg),
+                               checkpoint_dtype=str(dtype))
         if arch in TEXT_ARCHITECTURES:
             return ModelConfig(architecture=arch, text=_text_from_hf(cfg, bool(cfg.get("tie_word_embeddings", False))),
                                checkpoint_dtype=str(dtype))
     except KeyError as exc:
         raise CheckpointError(f"{path}: missing field {exc.args[0]!r}") from None
-    known = ", ".join(sorted(TEXT_ARCHITECTURES | MULTIMODAL_ARCHITECTURES))
+    known = ", ".join(sorted(TEXT_ARCHITECTURES | MULTIMODAL_ARCHITECTURES | AUDIO_ARCHITECTURES))
     raise CheckpointError(f"{path}: unknown architecture {arch or cfg.get('model_type')!r} (supported: {known})")
 
 

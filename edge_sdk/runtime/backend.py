@@ -29,6 +29,9 @@ class DecoderBackend(Protocol):
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         """Normalised pixels [3, H, W] -> image features [(H/28)*(W/28), hidden] (vision packages only)."""
 
+    def encode_audio(self, features: np.ndarray) -> np.ndarray:
+        """Log-mel [chunks, 128, 3000] -> audio features [chunks * 375, hidden] (audio packages only)."""
+
 
 def create_backend(name: str, package_dir, manifest, **options) -> DecoderBackend:
     """`auto` takes TensorRT when the package has engines and a GPU answers, else ONNX Runtime."""

@@ -14,8 +14,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..media.audio import log_mel
 from ..package import load_manifest
-from ..tokenizer import Tokenizer
+from ..tokenizer import EncodedPrompt, Tokenizer
 from .backend import create_backend
 from .generate import GenerationStream
 from .types import ContextOverflowError, GenerationError, GenerationResult, SamplingParams
@@ -40,6 +41,10 @@ class Model:
     def has_vision(self) -> bool:
         return "vision" in self.manifest.graphs
 
+    @property
+    def has_audio(self) -> bool:
+        return "audio" in self.manifest.graphs
+
     def capabilities(self) -> dict[str, Any]:
         """What this model serves: for discovery by apps and the MQTT daemon."""
         return {
@@ -50,11 +55,11 @@ class Model:
             "backend": self.backend.name,
             "context_length": self.context_length,
             "vocab_size": self.config.text.vocab_size,
-            "modalities": ["text", "image"] if self.has_vision else ["text"],
+            "modalities": list(self.manifest.modalities),
         }
 
-    def encode_prompt(self, prompt: Prompt) -> tuple[list[int], list[np.ndarray]]:
-        """Token ids and the preprocessed images they refer to."""
+    def encode_prompt(self, prompt: Prompt) -> EncodedPrompt:
+        """Token ids and the preprocessed images and audio clips they refer to."""
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
@@ -62,7 +67,7 @@ class Model:
             bad = [t for t in ids if not 0 <= t < self.config.text.vocab_size]
             if bad:
                 raise GenerationError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.text.vocab_size - 1})")
-            return ids, []
+            return EncodedPrompt(ids)
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
             try:
                 encoded = self.tokenizer.encode_chat(prompt)
@@ -70,16 +75,24 @@ class Model:
                 raise GenerationError(str(exc)) from None
             if encoded.images and not self.has_vision:
                 raise GenerationError("this engine package has no vision encoder; image parts cannot be used")
-            return encoded.ids, encoded.images
+            if encoded.audios and not self.has_audio:
+                raise GenerationError("this engine package has no audio encoder; audio parts cannot be used")
+            return encoded
         raise GenerationError("prompt must be a string, a list of token ids, or a list of chat messages")
 
-    def _prompt_embeds(self, ids: list[int], images: list[np.ndarray]) -> np.ndarray:
+    def _prompt_embeds(self, prompt: EncodedPrompt) -> np.ndarray:
+        """Token embeddings, with the image and audio features in their placeholders' rows."""
+        ids = prompt.ids
         embeds = self.backend.embed(np.asarray(ids))
-        if images:
-            slots = np.flatnonzero(np.asarray(ids) == self.tokenizer.image_token_id)
-            features = np.concatenate([self.backend.encode_image(img) for img in images])
+        media = (("images", self.tokenizer.image_token_id, [self.backend.encode_image(i) for i in prompt.images]),
+                 ("audio", self.tokenizer.audio_token_id, [self.backend.encode_audio(log_mel(a)) for a in prompt.audios]))
+        for what, token, parts in media:
+            if not parts:
+                continue
+            slots = np.flatnonzero(np.asarray(ids) == token)
+            features = np.concatenate(parts)
             if len(features) != len(slots):
-                raise GenerationError(f"images give {len(features)} features for {len(slots)} [IMG] tokens")
+                raise GenerationError(f"{what} give {len(features)} features for {len(slots)} placeholder tokens")
             embeds[slots] = features
         return embeds
 
@@ -91,12 +104,27 @@ class Model:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 seed=seed, stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
                                 stop_token_ids=tuple(stop_token_ids))
-        ids, images = self.encode_prompt(prompt)
+        return self._stream(self.encode_prompt(prompt), params, cancel, deadline)
+
+    def _stream(self, prompt: EncodedPrompt, params: SamplingParams, cancel, deadline) -> GenerationStream:
+        ids = prompt.ids
         if len(ids) >= self.context_length:
             raise ContextOverflowError(
                 f"prompt of {len(ids)} tokens does not fit the context of {self.context_length} tokens")
-        return GenerationStream(self.backend, self.tokenizer, ids, self._prompt_embeds(ids, images), params,
+        return GenerationStream(self.backend, self.tokenizer, ids, self._prompt_embeds(prompt), params,
                                 self.context_length, self.tokenizer.eos_id, cancel=cancel, deadline=deadline)
+
+    def transcribe(self, audio: Any, language: str | None = None, max_tokens: int = 512, **kwargs) -> GenerationResult:
+        """Speech to text (Voxtral packages): ``audio`` a path, file bytes or a 16 kHz float32
+        array; longer than 30 s is cut into 30 s chunks, as mistral-common lays them out."""
+        if not self.has_audio:
+            raise GenerationError("this engine package has no audio encoder: transcription needs a Voxtral package")
+        try:
+            encoded = self.tokenizer.encode_transcription(audio, language)
+        except ValueError as exc:
+            raise GenerationError(str(exc)) from None
+        params = SamplingParams(max_tokens=max_tokens, **{k: v for k, v in kwargs.items() if k not in ("cancel", "deadline")})
+        return self._stream(encoded, params, kwargs.get("cancel"), kwargs.get("deadline")).finish()
 
     def generate(self, prompt: Prompt, **kwargs) -> GenerationResult:
         """Generate to the end; same arguments as `stream`."""

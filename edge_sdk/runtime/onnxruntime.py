@@ -75,7 +75,7 @@ class OnnxRuntimeBackend:
             raise ValueError(f"{package_dir}: no {role!r} graph to run (graphs: {', '.join(manifest.graphs)})")
         self.in_place = role == "decoder_cpu"
         self.context_length = manifest.context_length
-        roles = {"decoder": role, **({"vision": "vision"} if "vision" in manifest.graphs else {})}
+        roles = {"decoder": role, **{r: r for r in ("vision", "audio") if r in manifest.graphs}}
         self.sessions = {
             name: ort.InferenceSession(str(self.package_dir / manifest.graphs[r].file), options,
                                        providers=["CPUExecutionProvider"])
@@ -151,6 +151,12 @@ class OnnxRuntimeBackend:
         self.sessions["decoder"].run_with_iobinding(binding)
         cache.length = need
         return binding.get_outputs()[0].numpy()[0], cache
+
+    def encode_audio(self, features: np.ndarray) -> np.ndarray:
+        if "audio" not in self.sessions:
+            raise ValueError("this engine package has no audio encoder")
+        session = self.sessions["audio"]
+        return session.run(None, {"input_features": np.asarray(features, dtype=np.float32)})[0].astype(np.float32)
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         if "vision" not in self.sessions:

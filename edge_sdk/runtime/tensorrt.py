@@ -230,7 +230,8 @@ class TensorRTDecoder:
         ctx = min(max_context or manifest.context_length, manifest.context_length)
         self._open(pkg / eng[role], pkg / eng["embed"] if "embed" in eng else None,
                    pkg / eng["vision"] if "vision" in eng else None, table, ctx,
-                   pkg / plugin_library if plugin_library else None)
+                   pkg / plugin_library if plugin_library else None,
+                   pkg / eng["audio"] if "audio" in eng else None)
 
     @classmethod
     def from_plans(cls, decoder_plan: str | Path, *, embed_plan: str | Path | None = None,
@@ -243,7 +244,8 @@ class TensorRTDecoder:
         return self
 
     def _open(self, decoder_plan: Path, embed_plan: Path | None, vision_plan: Path | None,
-              embed_table: EmbeddingTable | None, max_context: int | None, plugin_library: Path | None) -> None:
+              embed_table: EmbeddingTable | None, max_context: int | None, plugin_library: Path | None,
+              audio_plan: Path | None = None) -> None:
         self.status = require_gpu()
         trt = import_tensorrt()
         if plugin_library is not None:
@@ -255,6 +257,7 @@ class TensorRTDecoder:
             self._dec = _Engine(trt, decoder_plan)
             self._embed = _Engine(trt, embed_plan) if embed_plan else None
             self._vision = _Engine(trt, vision_plan) if vision_plan else None
+            self._audio = _Engine(trt, audio_plan) if audio_plan else None
             self._scratch = _Scratch(self._cuda)
             self._embed_table = embed_table
             self._describe_decoder(max_context)
@@ -350,6 +353,13 @@ class TensorRTDecoder:
         with self._lock, self._active():
             out = _run_graph(self._vision, self._scratch, self._stream, {"pixel_values": pixels})
         return out["image_features"]
+
+    def encode_audio(self, features: np.ndarray) -> np.ndarray:
+        if self._audio is None:
+            raise GenerationError("this package has no audio engine")
+        with self._lock, self._active():
+            out = _run_graph(self._audio, self._scratch, self._stream, {"input_features": np.asarray(features)})
+        return out["audio_embeds"]
 
     def forward(self, embeds: np.ndarray, position_ids: np.ndarray, cache: TensorRTCache):
         embeds = np.asarray(embeds)
