@@ -31,6 +31,17 @@ from .audio import SAMPLE_RATE, load_audio
 log = logging.getLogger(__name__)
 
 
+def _stop_process(proc: subprocess.Popen, grace: float = 1.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds (arecord can hang draining a device)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait()
+
+
 class MicrophoneClosed(RuntimeError):
     """The capture ended (closed, or a source that cannot be reopened) and every chunk was read."""
 
@@ -98,9 +109,8 @@ class Microphone:
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
+        if self._proc is not None:
+            _stop_process(self._proc)
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -136,9 +146,7 @@ class Microphone:
                     return
                 yield np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
         finally:
-            if self._proc.poll() is None:
-                self._proc.terminate()
-            self._proc.wait()
+            _stop_process(self._proc)
 
     def _run(self) -> None:
         delay = self.backoff
