@@ -17,9 +17,10 @@ streams, watch, sync (``Client``), aio (``AsyncClient``), discovery (``discover`
 from edge_sdk.client.aio import AsyncClient
 from edge_sdk.client.discovery import discover
 from edge_sdk.client.errors import (BadRequestError, BrokerConnectionError, BusyError, CameraUnavailableError,
-                                    DeviceOfflineError, EdgeError, InvalidImageError, ProtocolError,
+                                    DeviceOfflineError, EdgeError, InvalidAudioError, InvalidImageError, ProtocolError,
                                     RequestTimeoutError, ServerError, UnsupportedMediaError, error_from_event)
-from edge_sdk.client.payloads import build_chat_payload, build_watch_payload, encode_image_input, prepare_images
+from edge_sdk.client.payloads import (build_chat_payload, build_transcribe_payload, build_watch_payload,
+                                      encode_audio_input, encode_image_input, prepare_media)
 from edge_sdk.client.settings import ConnectionSettings
 from edge_sdk.client.streams import AsyncChatStream, ChatDelta, ChatResult, ChatStream
 from edge_sdk.client.sync import Client
@@ -28,7 +29,8 @@ from edge_sdk.protocol.models import Capabilities, WatchEnd, WatchError, WatchEv
 
 __all__ = ["Client", "AsyncClient", "ChatStream", "AsyncChatStream", "ChatResult", "ChatDelta", "Capabilities",
            "ConnectionSettings", "WatchHandle", "AsyncWatchHandle", "WatchEvent", "WatchError", "WatchEnd",
-           "WatchRegistered", "EdgeError", "BadRequestError", "UnsupportedMediaError", "InvalidImageError",
+           "WatchRegistered", "EdgeError", "BadRequestError", "UnsupportedMediaError", "InvalidImageError", "InvalidAudioError",
            "BusyError", "DeviceOfflineError", "CameraUnavailableError", "RequestTimeoutError", "ServerError",
            "ProtocolError", "BrokerConnectionError", "discover", "error_from_event", "build_chat_payload",
-           "build_watch_payload", "encode_image_input", "prepare_images"]
+           "build_watch_payload", "encode_image_input", "prepare_media", "build_transcribe_payload",
+           "encode_audio_input"]

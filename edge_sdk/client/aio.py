@@ -7,7 +7,8 @@ import asyncio
 from typing import Any, Iterable
 
 from edge_sdk.client.connection import Connection
-from edge_sdk.client.payloads import (build_chat_payload, build_snapshot_payload, build_watch_payload, prepare_images,
+from edge_sdk.client.payloads import (build_chat_payload, build_snapshot_payload, build_transcribe_payload,
+                                      build_watch_payload, prepare_media,
                                       snapshot_bytes)
 from edge_sdk.client.settings import ConnectionSettings
 from edge_sdk.client.streams import AsyncChatStream, ChatResult, threadsafe_putter
@@ -64,8 +65,27 @@ class AsyncClient:
         deliver = threadsafe_putter(loop, q)
         if core.status is None:  # waiting for the retained status blocks: do it off the loop
             await loop.run_in_executor(None, core.wait_status, min(self._st.status_wait, timeout))
-        payload, attachment = prepare_images(payload)
+        payload, attachment = prepare_media(payload)
         p = core.submit(payload, deliver, timeout, attachment=attachment)
+        s = AsyncChatStream(core, p, q, timeout)
+        return s if stream else await s.wait()
+
+    async def transcribe(self, audio: Any, *, language: str | None = None, mime: str | None = None,
+                         max_tokens: int | None = None, stream: bool = False, timeout: float | None = None,
+                         deadline: float | None = None, priority: int | None = None,
+                         request_id: str | None = None) -> ChatResult | AsyncChatStream:
+        """As ``Client.transcribe``; with ``stream=True`` returns an ``AsyncChatStream``."""
+        core = await self._c()
+        timeout = self._st.timeout if timeout is None else timeout
+        payload, attachment = build_transcribe_payload(audio, mime=mime, language=language, request_id=request_id,
+                                                       max_tokens=max_tokens, stream=stream, deadline=deadline,
+                                                       priority=priority)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        deliver = threadsafe_putter(loop, q)
+        if core.status is None:
+            await loop.run_in_executor(None, core.wait_status, min(self._st.status_wait, timeout))
+        p = core.submit(payload, deliver, timeout, op="transcribe", attachment=attachment)
         s = AsyncChatStream(core, p, q, timeout)
         return s if stream else await s.wait()
 

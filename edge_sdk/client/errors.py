@@ -31,6 +31,11 @@ class InvalidImageError(BadRequestError):
     """An image that does not decode: empty, truncated, corrupt (400 invalid_image)."""
 
 
+class InvalidAudioError(BadRequestError):
+    """Audio that does not decode or is out of bounds: not audio, truncated, a rate outside
+    8-192 kHz, longer than max_audio_s (400 invalid_audio)."""
+
+
 class CameraUnavailableError(EdgeError):
     """The device's camera has no fresh frame right now (503 camera_unavailable); retry later."""
 
@@ -90,6 +95,8 @@ def error_from_event(ev: dict) -> EdgeError:
         return UnsupportedMediaError(msg, **kw)
     if code == "invalid_image":
         return InvalidImageError(msg, **kw)
+    if code == "invalid_audio":
+        return InvalidAudioError(msg, **kw)
     if code == "camera_unavailable":
         return CameraUnavailableError(msg, **kw)
     if status == 503:

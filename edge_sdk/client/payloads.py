@@ -76,10 +76,35 @@ def encode_image_input(image: Any) -> tuple[bytes, str]:
     return data, sniff_mime(data) or "application/octet-stream"
 
 
-def prepare_images(payload: dict, *, binary: bool = True) -> tuple[dict, tuple[bytes, str] | None]:
-    """Turn ``{"type": "image", "image": ...}`` parts of a chat payload into protocol parts. With
-    ``binary`` and exactly one such image (and a JSON request that fits a user property), that image
-    becomes the MQTT 5 payload (``{"type": "image", "payload": true}``); otherwise base64 ``data``."""
+def encode_audio_input(audio: Any, mime: str | None = None) -> tuple[bytes, str]:
+    """Audio for a request -> (bytes, MIME type). Files (paths, bytes) are sent as they are (the
+    device decodes them); raw PCM16 bytes need ``mime`` (``audio/pcm;rate=16000``); a float32
+    array of 16 kHz samples (what the runtime takes) becomes little-endian PCM16."""
+    if isinstance(audio, (bytes, bytearray, memoryview)):
+        data = bytes(audio)
+    elif isinstance(audio, (str, os.PathLike)):
+        with open(audio, "rb") as f:
+            data = f.read()
+    elif type(audio).__module__ == "numpy" and hasattr(audio, "shape"):
+        import numpy as np
+
+        arr = np.asarray(audio, dtype=np.float32)
+        if arr.ndim != 1:
+            raise ValueError(f"an audio array must be 1-D samples at 16 kHz, got shape {arr.shape}")
+        return (np.clip(arr, -1, 1) * 32767).astype("<i2").tobytes(), "audio/pcm;rate=16000"
+    else:
+        raise TypeError(f"audio must be a path, bytes or a numpy array, not {type(audio).__name__}")
+    mime = mime or sniff_mime(data)
+    if mime is None or not mime.startswith("audio/"):
+        raise ValueError("cannot tell the audio format from its bytes: pass mime (e.g. 'audio/pcm;rate=16000')")
+    return data, mime
+
+
+def prepare_media(payload: dict, *, binary: bool = True) -> tuple[dict, tuple[bytes, str] | None]:
+    """Turn ``{"type": "image", "image": ...}`` and ``{"type": "audio", "audio": ...[, "mime"]}``
+    parts of a chat payload into protocol parts. With ``binary`` and exactly one such part (and a
+    JSON request that fits a user property), its bytes become the MQTT 5 payload (``"payload":
+    true``); otherwise base64 ``data``."""
     found: list[tuple[dict, bytes, str]] = []
     for m in payload.get("messages") or []:
         content = m.get("content")
@@ -87,9 +112,11 @@ def prepare_images(payload: dict, *, binary: bool = True) -> tuple[dict, tuple[b
             continue
         m["content"] = content = list(content)  # never modify the caller's messages
         for i, part in enumerate(content):
-            if isinstance(part, dict) and part.get("type") == "image" and "image" in part:
-                data, mime = encode_image_input(part["image"])
-                new = {k: v for k, v in part.items() if k != "image"}
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in ("image", "audio") and kind in part:
+                data, mime = (encode_image_input(part["image"]) if kind == "image"
+                              else encode_audio_input(part["audio"], part.get("mime")))
+                new = {k: v for k, v in part.items() if k not in (kind, "mime")}
                 content[i] = new
                 found.append((new, data, mime))
     if not found:
@@ -97,13 +124,32 @@ def prepare_images(payload: dict, *, binary: bool = True) -> tuple[dict, tuple[b
     if binary and len(found) == 1:
         part, data, mime = found[0]
         part["payload"] = True
-        if len(dumps(payload)) <= MAX_USER_PROPERTY and mime.startswith("image/"):
+        if part["type"] == "audio":
+            part["mime"] = mime
+        if len(dumps(payload)) <= MAX_USER_PROPERTY and mime.startswith(("image/", "audio/")):
             return payload, (data, mime)
         del part["payload"]
     for part, data, mime in found:
         part["data"] = base64.b64encode(data).decode("ascii")
-        if mime.startswith("image/"):
+        if mime.startswith(("image/", "audio/")):
             part["mime"] = mime
+    return payload, None
+
+
+def build_transcribe_payload(audio: Any, *, mime: str | None = None, language: str | None = None,
+                             request_id: str | None = None, max_tokens: int | None = None, stream: bool = False,
+                             deadline: float | None = None, priority: int | None = None,
+                             binary: bool = True) -> tuple[dict, tuple[bytes, str] | None]:
+    """A transcribe request and its binary payload (the audio), or base64 inline when ``binary`` is off."""
+    data, mime = encode_audio_input(audio, mime)
+    payload: dict[str, Any] = {"v": 1, "request_id": request_id or uuid.uuid4().hex, "stream": bool(stream)}
+    _set_given(payload, language=language, max_tokens=max_tokens, priority=priority)
+    if deadline is not None:
+        payload["deadline_ms"] = max(1, int(deadline * 1000))
+    if binary:
+        payload["audio"] = {"payload": True, "mime": mime}
+        return payload, (data, mime)
+    payload["audio"] = {"data": base64.b64encode(data).decode("ascii"), "mime": mime}
     return payload, None
 
 

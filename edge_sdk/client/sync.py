@@ -16,7 +16,8 @@ import queue
 from typing import Any, Iterable
 
 from edge_sdk.client.connection import Connection
-from edge_sdk.client.payloads import (build_chat_payload, build_snapshot_payload, build_watch_payload, prepare_images,
+from edge_sdk.client.payloads import (build_chat_payload, build_snapshot_payload, build_transcribe_payload,
+                                      build_watch_payload, prepare_media,
                                       snapshot_bytes)
 from edge_sdk.client.settings import ConnectionSettings
 from edge_sdk.client.streams import ChatResult, ChatStream
@@ -71,9 +72,27 @@ class Client:
         payload = build_chat_payload(messages, prompt=prompt, request_id=request_id, max_tokens=max_tokens,
                                      temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
                                      stream=stream, deadline=deadline, priority=priority)
-        payload, attachment = prepare_images(payload)
+        payload, attachment = prepare_media(payload)
         q: queue.Queue = queue.Queue()
         p = self._core.submit(payload, q.put, timeout, attachment=attachment)
+        s = ChatStream(self._core, p, q, timeout)
+        return s if stream else s.wait()
+
+    def transcribe(self, audio: Any, *, language: str | None = None, mime: str | None = None,
+                   max_tokens: int | None = None, stream: bool = False, timeout: float | None = None,
+                   deadline: float | None = None, priority: int | None = None,
+                   request_id: str | None = None) -> ChatResult | ChatStream:
+        """Speech to text on a device with an audio model. ``audio``: a WAV/FLAC/OGG path or its
+        bytes, raw PCM16 bytes with ``mime`` (``audio/pcm;rate=16000``), or 16 kHz float32
+        samples; sent as the MQTT 5 binary payload. Returns the ``ChatResult`` (its ``text`` is
+        the transcript), or with ``stream=True`` a ``ChatStream``. Raises InvalidAudioError for
+        audio the device cannot decode, UnsupportedMediaError on a device without audio."""
+        timeout = self._st.timeout if timeout is None else timeout
+        payload, attachment = build_transcribe_payload(audio, mime=mime, language=language, request_id=request_id,
+                                                       max_tokens=max_tokens, stream=stream, deadline=deadline,
+                                                       priority=priority)
+        q: queue.Queue = queue.Queue()
+        p = self._core.submit(payload, q.put, timeout, op="transcribe", attachment=attachment)
         s = ChatStream(self._core, p, q, timeout)
         return s if stream else s.wait()
 

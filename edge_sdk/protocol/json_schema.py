@@ -9,12 +9,13 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from edge_sdk.protocol.models import (Accepted, CancelRequest, Capabilities, ChatRequest, Delta, Error, Health,
-                                      Result, Snapshot, SnapshotRequest, WatchCancelRequest, WatchEnd, WatchError,
-                                      WatchEvent, WatchRegistered, WatchRequest)
+                                      Result, Snapshot, SnapshotRequest, TranscribeRequest, WatchCancelRequest,
+                                      WatchEnd, WatchError, WatchEvent, WatchRegistered, WatchRequest)
 from edge_sdk.protocol.topics import SCHEMA_VERSION
 
 SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "chat_request": ChatRequest,
+    "transcribe_request": TranscribeRequest,
     "cancel_request": CancelRequest,
     "watch_request": WatchRequest,
     "watch_cancel_request": WatchCancelRequest,

@@ -31,6 +31,7 @@ ERROR_STATUS: dict[str, int] = {
     "unknown_op": 404,
     "payload_too_large": 413,
     "invalid_image": 400,
+    "invalid_audio": 400,
     "unsupported_media": 415,
     "busy": 429,
     "internal": 500,
@@ -38,14 +39,17 @@ ERROR_STATUS: dict[str, int] = {
     "camera_unavailable": 503,
 }
 ErrorCode = Literal["invalid_json", "invalid_request", "invalid_reply_topic", "generation_error",
-                    "unknown_op", "payload_too_large", "invalid_image", "unsupported_media", "busy",
+                    "unknown_op", "payload_too_large", "invalid_image", "invalid_audio", "unsupported_media", "busy",
                     "internal", "stopping", "camera_unavailable"]
 
 CAMERA_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 #: The operations of ``R/req/C/<op>``.
-OPS = ("chat", "cancel", "watch", "watch_cancel", "snapshot")
-#: MQTT 5 user property that carries the JSON request of a binary (image) request payload.
+OPS = ("chat", "transcribe", "cancel", "watch", "watch_cancel", "snapshot")
+#: Audio MIME types a request may carry: a file (WAV/FLAC/OGG) or raw PCM16 with its rate
+#: (audio/L16: big-endian, RFC 2586; audio/pcm: little-endian).
+AUDIO_MIME_PATTERN = r"^audio/[a-zA-Z0-9.+-]{1,32}(\s*;\s*[a-z]{1,16}\s*=\s*[A-Za-z0-9.-]{1,16}){0,4}$"
+#: MQTT 5 user property that carries the JSON request of a binary (image or audio) request payload.
 REQUEST_PROPERTY = "request"
 #: ... or just the text prompt to ask about the image.
 PROMPT_PROPERTY = "prompt"
@@ -120,7 +124,36 @@ class ImagePart(_Strict):
         return self
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+class AudioSource(_Strict):
+    """Audio inline as base64 (``data``), or ``payload: true``: the MQTT 5 binary payload of this
+    request (content type audio/*, the JSON request in the user property ``request``). ``mime``
+    names the format: a file (audio/wav, audio/flac, audio/ogg: decoded by content) or raw PCM16,
+    which needs its rate (``audio/pcm;rate=16000`` little-endian, ``audio/L16;rate=16000``
+    big-endian; ``channels`` defaults to 1). At most ``max_audio_bytes`` and ``max_audio_s``."""
+
+    data: str | None = Field(default=None, description="base64-encoded audio")
+    payload: Literal[True] | None = Field(
+        default=None, description="the audio is this request's MQTT 5 binary payload (content type audio/*)")
+    mime: str | None = Field(default=None, pattern=AUDIO_MIME_PATTERN)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        _require_one("audio names exactly one of 'data' or 'payload'", self.data is not None, self.payload is not None)
+        if self.data is not None:
+            try:
+                base64.b64decode(self.data, validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise ValueError(f"audio data is not valid base64: {e}") from None
+        return self
+
+
+class AudioPart(AudioSource):
+    """Audio in a user message (speech the model listens to). Needs the 'audio' modality."""
+
+    type: Literal["audio"]
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart, AudioPart], Field(discriminator="type")]
 
 
 class Message(_Strict):
@@ -155,6 +188,23 @@ class ChatRequest(_Strict):
     def _one_prompt(self):
         _require_one("give exactly one of 'messages' or 'prompt'", self.messages is not None, self.prompt is not None)
         return self
+
+
+class TranscribeRequest(_Strict):
+    """Payload on ``R/req/C/transcribe``: speech to text (a model with the 'audio' modality).
+    Events as for chat: accepted, deltas when ``stream``, then one result or error."""
+
+    v: Literal[1] = 1
+    request_id: RequestId | None = Field(
+        default=None, description="Required unless the MQTT 5 Correlation Data carries it.")
+    reply_to: str | None = Field(default=None, max_length=512)
+    audio: AudioSource
+    language: str | None = Field(default=None, pattern=r"^[a-z]{2}$", description="ISO-639-1; default: the model tells")
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=10.0)
+    stream: bool = True
+    priority: int = Field(default=5, ge=0, le=9)
+    deadline_ms: int | None = Field(default=None, ge=1, le=86_400_000)
 
 
 class CancelRequest(_Strict):
@@ -352,6 +402,8 @@ class Limits(_Event):
     max_payload_bytes: int
     max_messages: int
     max_image_bytes: int | None = None
+    max_audio_bytes: int | None = None
+    max_audio_s: float | None = None
     watch_min_every_s: float | None = None
     max_watch_jobs: int | None = None
 

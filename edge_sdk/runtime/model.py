@@ -114,17 +114,24 @@ class Model:
         return GenerationStream(self.backend, self.tokenizer, ids, self._prompt_embeds(prompt), params,
                                 self.context_length, self.tokenizer.eos_id, cancel=cancel, deadline=deadline)
 
-    def transcribe(self, audio: Any, language: str | None = None, max_tokens: int = 512, **kwargs) -> GenerationResult:
-        """Speech to text (Voxtral packages): ``audio`` a path, file bytes or a 16 kHz float32
-        array; longer than 30 s is cut into 30 s chunks, as mistral-common lays them out."""
+    def stream_transcription(self, audio: Any, language: str | None = None, max_tokens: int = 512,
+                             temperature: float = 0.0, stop_token_ids: Sequence[int] = (),
+                             cancel: threading.Event | None = None, deadline: float | None = None) -> GenerationStream:
+        """Speech to text (Voxtral packages), streamed like `stream`: ``audio`` a path, file bytes
+        or a 16 kHz float32 array; longer than 30 s is cut into 30 s chunks, as mistral-common
+        lays them out."""
         if not self.has_audio:
             raise GenerationError("this engine package has no audio encoder: transcription needs a Voxtral package")
         try:
             encoded = self.tokenizer.encode_transcription(audio, language)
         except ValueError as exc:
             raise GenerationError(str(exc)) from None
-        params = SamplingParams(max_tokens=max_tokens, **{k: v for k, v in kwargs.items() if k not in ("cancel", "deadline")})
-        return self._stream(encoded, params, kwargs.get("cancel"), kwargs.get("deadline")).finish()
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, stop_token_ids=tuple(stop_token_ids))
+        return self._stream(encoded, params, cancel, deadline)
+
+    def transcribe(self, audio: Any, language: str | None = None, **kwargs) -> GenerationResult:
+        """`stream_transcription` to the end."""
+        return self.stream_transcription(audio, language, **kwargs).finish()
 
     def generate(self, prompt: Prompt, **kwargs) -> GenerationResult:
         """Generate to the end; same arguments as `stream`."""

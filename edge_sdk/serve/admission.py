@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ValidationError
 
-from edge_sdk.protocol.models import (JOB_ID_PATTERN, CancelRequest, ChatRequest, SnapshotRequest,
+from edge_sdk.protocol.models import (JOB_ID_PATTERN, CancelRequest, ChatRequest, SnapshotRequest, TranscribeRequest,
                                       WatchCancelRequest, WatchRequest)
 from edge_sdk.serve.cameras import CameraHub, check_image_bytes
 from edge_sdk.serve.config import ServeSettings
@@ -25,6 +25,7 @@ _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 
 REQUEST_MODELS: dict[str, type[BaseModel]] = {
     "chat": ChatRequest,
+    "transcribe": TranscribeRequest,
     "cancel": CancelRequest,
     "watch": WatchRequest,
     "watch_cancel": WatchCancelRequest,
@@ -50,8 +51,8 @@ class Admission:
             check(env, req)
         return req
 
-    def chat_job(self, env: Envelope, req: ChatRequest, send: Callable[[BaseModel], None]) -> Job:
-        """The job of an admitted chat request."""
+    def job(self, env: Envelope, req: ChatRequest | TranscribeRequest, send: Callable[[BaseModel], None]) -> Job:
+        """The job of an admitted chat or transcribe request."""
         now = time.monotonic()
         deadline_ms = req.deadline_ms or self.s.max_deadline_ms
         return Job(env.client, env.reply.request_id, req, send, now, now + deadline_ms / 1000 if deadline_ms else None,
@@ -60,19 +61,28 @@ class Admission:
     # --- per op -------------------------------------------------------------------------------
 
     def _check_chat(self, env: Envelope, req: ChatRequest) -> None:
-        rid = req.request_id or env.reply.request_id
-        if rid is None:
-            raise Refusal("invalid_request", "request_id missing: put it in the payload or in the MQTT 5 Correlation Data")
-        env.reply.request_id = rid
+        self._take_request_id(env, req)
         s = self.s
         self._check_max_tokens(req.max_tokens)
         if req.messages is not None and len(req.messages) > s.max_messages:
             raise Refusal("invalid_request", f"{len(req.messages)} messages exceed the limit {s.max_messages}")
-        parts = [p for m in (req.messages or []) if not isinstance(m.content, str)
-                 for p in m.content if p.type == "image"]
-        if parts:
-            self._check_takes_images()
-        self._check_images(parts, env.attachment)
+        parts = [p for m in (req.messages or []) if not isinstance(m.content, str) for p in m.content]
+        images = [p for p in parts if p.type == "image"]
+        audio = [p for p in parts if p.type == "audio"]
+        if images:
+            self._check_takes("image", "images")
+        if audio:
+            self._check_takes("audio", "audio")
+        self._check_payload_use(images + audio, env.attachment)
+        self._check_images(images, env.attachment if any(p.payload for p in images) else None)
+        self._check_audio(audio, env.attachment if any(p.payload for p in audio) else None)
+
+    def _check_transcribe(self, env: Envelope, req: TranscribeRequest) -> None:
+        self._take_request_id(env, req)
+        self._check_max_tokens(req.max_tokens)
+        self._check_takes("audio", "audio")
+        self._check_payload_use([req.audio], env.attachment)
+        self._check_audio([req.audio], env.attachment)
 
     def _check_watch(self, env: Envelope, req: WatchRequest) -> None:
         job_id = req.request_id or env.reply.request_id
@@ -82,7 +92,7 @@ class Admission:
         env.reply.request_id = job_id
         s = self.s
         self._check_camera(req.camera)
-        self._check_takes_images()
+        self._check_takes("image", "images")
         if req.every_s < s.watch_min_every_s:
             raise Refusal("invalid_request", f"every_s {req.every_s} is below this device's minimum "
                                              f"watch_min_every_s ({s.watch_min_every_s})")
@@ -100,26 +110,47 @@ class Admission:
         if max_tokens is not None and max_tokens > self.s.max_tokens:
             raise Refusal("invalid_request", f"max_tokens {max_tokens} exceeds this device's limit {self.s.max_tokens}")
 
-    def _check_takes_images(self) -> None:
-        if "image" not in self.info["modalities"]:
+    @staticmethod
+    def _take_request_id(env: Envelope, req: ChatRequest | TranscribeRequest) -> None:
+        rid = req.request_id or env.reply.request_id
+        if rid is None:
+            raise Refusal("invalid_request", "request_id missing: put it in the payload or in the MQTT 5 Correlation Data")
+        env.reply.request_id = rid
+
+    def _check_takes(self, modality: str, what: str) -> None:
+        if modality not in self.info["modalities"]:
             raise Refusal("unsupported_media",
-                          f"model {self.info['name']} takes no images (modalities: {self.info['modalities']})")
+                          f"model {self.info['name']} takes no {what} (modalities: {self.info['modalities']})")
 
     def _check_camera(self, camera: str) -> None:
         if camera not in self.hub:
             raise Refusal("unsupported_media", f"no camera {camera!r} on this device "
                                                f"(cameras: {', '.join(self.hub.names) or 'none'})")
 
+    @staticmethod
+    def _check_payload_use(parts: list, attachment: bytes | None) -> None:
+        """A binary payload belongs to exactly one part (or the audio) marked ``payload: true``."""
+        users = sum(1 for p in parts if p.payload)
+        if attachment is not None and users == 0:
+            raise Refusal("invalid_request", "the request has a binary payload but no part with \"payload\": true")
+        if attachment is None and users:
+            raise Refusal("invalid_request", "a part has \"payload\": true but the request's payload is not "
+                                             "binary media (MQTT 5 content type image/* or audio/*)")
+        if users > 1:
+            raise Refusal("invalid_request", f"{users} parts say \"payload\": true; one request carries one payload")
+
+    def _check_audio(self, parts: list, attachment: bytes | None) -> None:
+        """Sizes only (decoding is the worker's): base64 data and the binary payload."""
+        limit = self.s.max_audio_bytes
+        sizes = ([len(attachment)] if attachment is not None else []) + \
+            [len(base64.b64decode(p.data)) for p in parts if p.data is not None]
+        for size in sizes:
+            if size > limit:
+                raise Refusal("payload_too_large", f"audio of {size} bytes exceeds max_audio_bytes ({limit})")
+
     def _check_images(self, parts: list, attachment: bytes | None) -> None:
         """Cheap checks of every image part (size, magic bytes, JPEG end marker; no decoding).
         ImageRejected is a Refusal."""
-        uses_payload = any(p.payload for p in parts)
-        if attachment is not None and not uses_payload:
-            raise Refusal("invalid_request", "the request has a binary image payload but no image part "
-                                             "with \"payload\": true")
-        if attachment is None and uses_payload:
-            raise Refusal("invalid_request", "an image part has \"payload\": true but the request's payload "
-                                             "is not an image (MQTT 5 content type image/*)")
         if attachment is not None:
             check_image_bytes(attachment, self.s.max_image_bytes)
         for p in parts:

@@ -102,6 +102,10 @@ class ServeSettings(BaseSettings):
     max_image_bytes: int = Field(default=3_145_728, ge=1024,
                                  description="largest encoded image (MQTT 5 binary payload or decoded base64); "
                                              "keep it below the broker's max_packet_size")
+    max_audio_bytes: int = Field(default=4_194_304, ge=1024,
+                                 description="largest audio (MQTT 5 binary payload or decoded base64): 4 MiB is "
+                                             "2 min of 16 kHz PCM16; keep it below the broker's max_packet_size")
+    max_audio_s: float = Field(default=120.0, gt=0, description="longest audio a request may carry, in seconds")
     snapshot_max_side: int = Field(default=640, ge=16, description="snapshot JPEGs are scaled to fit this side")
     snapshot_quality: int = Field(default=80, ge=10, le=100, description="snapshot JPEG quality")
     snapshot_interval_s: float = Field(default=0.0, ge=0,

@@ -256,7 +256,7 @@ class Daemon:
 
     def _op_chat(self, env: Envelope, req: ChatRequest) -> None:
         reply = env.reply
-        job = self.admission.chat_job(env, req, lambda ev: self.publisher.event(reply, ev))
+        job = self.admission.job(env, req, lambda ev: self.publisher.event(reply, ev))
         admitted = self.scheduler.submit(job)
         if admitted.duplicate:
             log.info("request %s/%s is already in progress; duplicate ignored", env.client, job.request_id)
@@ -270,6 +270,8 @@ class Daemon:
             return
         log.debug("accepted %s/%s (priority %d, position %d)", env.client, job.request_id, req.priority,
                   admitted.position)
+
+    _op_transcribe = _op_chat  # the same path: one job, the same events
 
     def _op_cancel(self, env: Envelope, req: CancelRequest) -> None:
         if req.all:
@@ -336,7 +338,8 @@ class Daemon:
             limits={"max_tokens": s.max_tokens, "default_max_tokens": min(s.default_max_tokens, s.max_tokens),
                     "queue_length": s.queue_length, "max_pending_per_client": s.max_pending_per_client,
                     "max_payload_bytes": s.max_payload_bytes, "max_messages": s.max_messages,
-                    "max_image_bytes": s.max_image_bytes, "watch_min_every_s": s.watch_min_every_s,
+                    "max_image_bytes": s.max_image_bytes, "max_audio_bytes": s.max_audio_bytes,
+                    "max_audio_s": s.max_audio_s, "watch_min_every_s": s.watch_min_every_s,
                     "max_watch_jobs": s.max_watch_jobs},
             topics={"request": t.request("{client}", "{op}"), "inbox": t.inbox("{client}"),
                     "status": t.status, "capabilities": t.capabilities, "health": t.health,

@@ -124,20 +124,27 @@ def _read(msg, topics: Topics, client: str, op: str, extra: list[str], reply: Re
                                          "every daemon restart); it was not run")
     if not isinstance(data, dict):
         raise Refusal("invalid_request", f"payload must be a JSON object, not {type(data).__name__}")
-    if attachment is not None and op != "chat":
-        raise Refusal("invalid_request", f"a binary image payload is only accepted on 'chat', not {op!r}")
+    if attachment is not None and op not in BINARY_OPS:
+        raise Refusal("invalid_request", f"a binary payload is only accepted on {' and '.join(BINARY_OPS)}, not {op!r}")
     return Envelope(client, op, data, reply, attachment)
 
 
+BINARY_OPS = ("chat", "transcribe")
+
+
 def _split_binary(msg: mqtt.MQTTMessage) -> tuple[bytes, bytes | None]:
-    """(JSON bytes, image bytes). An MQTT 5 binary image request carries the image as the payload
-    and the JSON request in the user property 'request' (or just the text in 'prompt')."""
+    """(JSON bytes, media bytes). An MQTT 5 binary request carries an image or audio as the
+    payload (content type image/* or audio/*) and the JSON request in the user property 'request'
+    (or, for an image, just the text in 'prompt')."""
     ctype = prop(msg, "ContentType")
-    if not (isinstance(ctype, str) and ctype.lower().startswith("image/")):
+    kind = ctype.lower().split("/", 1)[0] if isinstance(ctype, str) else ""
+    if kind not in ("image", "audio"):
         return msg.payload, None
     up = user_props(msg)
     if REQUEST_PROPERTY in up:
         return up[REQUEST_PROPERTY].encode("utf-8", "surrogatepass"), bytes(msg.payload)
+    if kind == "audio":
+        raise Refusal("invalid_request", "a binary audio payload needs its JSON request in the 'request' user property")
     content: list[dict] = [{"type": "image", "payload": True}]
     if PROMPT_PROPERTY in up:
         content.append({"type": "text", "text": up[PROMPT_PROPERTY]})

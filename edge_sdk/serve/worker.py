@@ -14,7 +14,8 @@ import threading
 import time
 from typing import Any
 
-from edge_sdk.protocol.models import Delta, ImagePart, Result, Usage
+from edge_sdk.media.audio import AudioError, load_audio
+from edge_sdk.protocol.models import AudioSource, Delta, ImagePart, Result, TranscribeRequest, Usage
 from edge_sdk.runtime.types import GenerationError
 from edge_sdk.serve.cameras import CameraHub, decode_rgb
 from edge_sdk.serve.config import ServeSettings
@@ -61,11 +62,16 @@ class Worker:
             self.stats["cancelled"] += 1
             return empty_result(job.request_id, job.next_seq(), job.received,
                                 "cancelled" if job.cancel.is_set() else "deadline")
-        prompt = job.prompt if job.prompt is not None else self._prompt(job)
         max_tokens = min(req.max_tokens or self.s.default_max_tokens, self.s.max_tokens)
-        stream = self.model.stream(prompt, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                   top_k=req.top_k, seed=req.seed, stop=tuple(req.stop),
-                                   cancel=job.cancel, deadline=job.deadline)
+        if isinstance(req, TranscribeRequest):
+            stream = self.model.stream_transcription(self._audio(req.audio, job), req.language, max_tokens=max_tokens,
+                                                     temperature=req.temperature, cancel=job.cancel,
+                                                     deadline=job.deadline)
+        else:
+            prompt = job.prompt if job.prompt is not None else self._prompt(job)
+            stream = self.model.stream(prompt, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                       top_k=req.top_k, seed=req.seed, stop=tuple(req.stop),
+                                       cancel=job.cancel, deadline=job.deadline)
         deltas = _Coalescer(job, self.s.coalesce_ms / 1000, self.s.coalesce_tokens) if req.stream else None
         texts: list[str] = []
         tokens: list[int] = []
@@ -101,7 +107,8 @@ class Worker:
                       usage=usage)
 
     def _prompt(self, job: Job) -> Any:
-        """A chat request's prompt as the model takes it: text joined, images decoded to RGB."""
+        """A chat request's prompt as the model takes it: text joined, images decoded to RGB,
+        audio to 16 kHz samples."""
         req = job.req
         if req.prompt is not None:
             return req.prompt
@@ -113,6 +120,7 @@ class Worker:
                 out.append({"role": m.role, "content": "".join(p.text for p in m.content)})
             else:
                 parts = [{"type": "text", "text": p.text} if p.type == "text"
+                         else {"type": "audio", "audio": self._audio(p, job)} if p.type == "audio"
                          else {"type": "image", "image": self._image(p, job)} for p in m.content]
                 out.append({"role": m.role, "content": parts})
         return out
@@ -124,6 +132,15 @@ class Worker:
         if part.camera is not None:
             return self.hub.latest(part.camera, timeout=self.s.camera_timeout_s).rgb()
         return decode_rgb(base64.b64decode(part.data or ""), self.s.max_image_bytes)
+
+
+    def _audio(self, source: AudioSource, job: Job) -> Any:
+        """Audio (a part or a transcribe request's) -> 16 kHz float32; bad audio is ``invalid_audio``."""
+        data = (job.attachment or b"") if source.payload else base64.b64decode(source.data or "")
+        try:
+            return load_audio(data, source.mime, max_seconds=self.s.max_audio_s, name=source.mime or "audio")
+        except AudioError as e:
+            raise Refusal("invalid_audio", str(e)) from None
 
 
 class _Coalescer:
@@ -159,7 +176,7 @@ class _Coalescer:
 
 def _failure(e: Exception) -> tuple[str, str]:
     """The protocol error code and message for an exception from one job."""
-    if isinstance(e, Refusal):  # ImageRejected, CameraUnavailable
+    if isinstance(e, Refusal):  # ImageRejected, CameraUnavailable, invalid_audio
         return e.code, e.message
     if isinstance(e, GenerationError):
         return "generation_error", str(e)
