@@ -91,9 +91,13 @@ def test_flash_serves_and_a_second_flash_changes_nothing(device, orin_package, w
     assert (second.changed, second.files_sent, second.bytes_sent, second.venv) == (False, 0, 0, "reused")
     assert second.release == first.release
     assert _sh(device, f"cat {ROOT}/run/edge-sdk.pid") == daemon_pid  # not restarted
+    # the daemon died (or the device rebooted without systemd): the same flash brings it back
+    _sh(device, f"kill -KILL $(cat {ROOT}/run/edge-sdk.pid)")
+    third = flash(_options(device, orin_package, wheels), progress=False)
+    assert (third.changed, third.files_sent) == (False, 0) and _ask(device)["tokens"] >= 1
     log = [json.loads(line) for line in _sh(device, f"cat {ROOT}/log/releases.log").splitlines()]
-    assert [(e["event"], e["changed"], e["files_sent"]) for e in log[-2:]] == [("flash", True, first.files_sent),
-                                                                               ("flash", False, 0)]
+    assert [(e["event"], e["changed"], e["files_sent"]) for e in log[-3:]] == [("flash", True, first.files_sent),
+                                                                               ("flash", False, 0), ("flash", False, 0)]
 
 
 def test_a_package_failing_its_hashes_is_refused_and_the_old_release_keeps_serving(device, orin_package, wheels,

@@ -213,8 +213,12 @@ def _flash(opts: FlashOptions, stages, at: list[str]) -> FlashReport:
     if not report.changed:
         stage("health")
         why = _health(t, opts)
+        if why:  # the right release, not running (a reboot without systemd, a crash): start it again
+            log.warning("release %s is current but does not answer (%s); restarting it", rid, why)
+            t.step("restart", root)
+            why = _health(t, opts)
         if why:
-            raise FlashError(f"release {rid} is current but not healthy: {why}")
+            raise FlashError(f"release {rid} is current but does not answer, even after a restart: {why}")
         _log_line(t, root, event="flash", release=rid, changed=False, files_sent=report.files_sent)
         return report
     stage("switch")
