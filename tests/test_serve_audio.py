@@ -108,21 +108,32 @@ def test_a_device_without_audio_refuses_it(tiny_checkpoints, build_package, star
         assert c.chat("still here?", max_tokens=2).tokens
 
 
-def test_shell_example_transcribes_and_chats_about_audio(voxtral_model, start_daemon, mosquitto, tmp_path):
+@pytest.mark.parametrize("example", ["shell", "c"])
+def test_examples_transcribe_and_chat_about_audio(voxtral_model, start_daemon, mosquitto, tmp_path, example):
+    import shutil
     import subprocess
     from pathlib import Path
 
-    script = Path(__file__).parent.parent / "examples" / "shell" / "chat.sh"
+    examples = Path(__file__).parent.parent / "examples"
+    if example == "c":
+        if shutil.which("cc") is None:
+            pytest.skip("no C compiler")
+        exe = tmp_path / "mqtt_chat"
+        subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(exe), str(examples / "c" / "mqtt_chat.c"),
+                        "-lmosquitto"], check=True, capture_output=True, timeout=60)
+        program = [str(exe)]
+    else:
+        program = ["sh", str(examples / "shell" / "chat.sh")]
     d = start_daemon(voxtral_model)
     clip = tmp_path / "command.wav"
     clip.write_bytes(_wav(_speech(1.0)))
     pcm = (_speech(1.0) * 32767).astype("<i2").astype(np.float32) / 32768.0
-    base = ["sh", str(script), "-h", mosquitto.host, "-p", str(mosquitto.port), "-d", d.s.device_id, "-n", "6",
-            "-T", "20", "-a", str(clip)]
-    p = subprocess.run(base, capture_output=True, timeout=30)
+    base = program + ["-h", mosquitto.host, "-p", str(mosquitto.port), "-d", d.s.device_id, "-n", "6", "-T", "20",
+                      "-a", str(clip)]
+    p = subprocess.run(base, capture_output=True, timeout=30)  # transcribe
     assert p.returncode == 0, p.stderr.decode()
     assert p.stdout.decode() == voxtral_model.transcribe(pcm, max_tokens=6).text + "\n"
-    p = subprocess.run(base + ["What was said?"], capture_output=True, timeout=30)
+    p = subprocess.run(base + ["What was said?"], capture_output=True, timeout=30)  # chat about the audio
     assert p.returncode == 0, p.stderr.decode()
     want = voxtral_model.generate([{"role": "user", "content": [{"type": "audio", "audio": pcm},
                                                                 {"type": "text", "text": "What was said?"}]}],

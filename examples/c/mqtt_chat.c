@@ -4,6 +4,12 @@
  *
  *   cc -O2 -Wall -o mqtt_chat mqtt_chat.c -lmosquitto
  *   ./mqtt_chat -h localhost -p 1883 -d jetson "Where is the red box?"
+ *   ./mqtt_chat -d jetson -a command.wav               transcribe (a device with audio)
+ *   ./mqtt_chat -d jetson -a question.wav "Answer it."  chat about the audio
+ *
+ * Audio (-a, a WAV/FLAC/OGG file) is the MQTT 5 binary payload, with its Content Type, and the
+ * JSON request travels in the user property "request" (op "transcribe", or "chat" with an
+ * {"type": "audio", "payload": true} part).
  *
  * Protocol (edge_sdk/protocol/PROTOCOL.md): publish a JSON request on
  *   <prefix>/v1/<device>/req/<name>/chat
@@ -28,7 +34,10 @@ struct state {
     char reply_topic[TOPIC_MAX];
     char status_topic[TOPIC_MAX];
     char request_id[64];
-    char *payload;
+    char *payload;      /* the JSON request */
+    char *audio;        /* with -a: the file, sent as the binary payload */
+    long audio_len;
+    const char *audio_mime;
     int subscribed;
     int printed;   /* a delta was printed */
     int done;      /* 1 result, 2 error, 3 offline */
@@ -178,8 +187,15 @@ static void on_subscribe(struct mosquitto *m, void *obj, int mid, int qos_count,
     mosquitto_property *p = NULL;
     mosquitto_property_add_string(&p, MQTT_PROP_RESPONSE_TOPIC, st->reply_topic);
     mosquitto_property_add_binary(&p, MQTT_PROP_CORRELATION_DATA, st->request_id, (uint16_t)strlen(st->request_id));
-    mosquitto_property_add_byte(&p, MQTT_PROP_PAYLOAD_FORMAT_INDICATOR, 1);
-    int rc = mosquitto_publish_v5(m, NULL, st->req_topic, (int)strlen(st->payload), st->payload, 1, false, p);
+    int rc;
+    if (st->audio) {
+        mosquitto_property_add_string(&p, MQTT_PROP_CONTENT_TYPE, st->audio_mime);
+        mosquitto_property_add_string_pair(&p, MQTT_PROP_USER_PROPERTY, "request", st->payload);
+        rc = mosquitto_publish_v5(m, NULL, st->req_topic, (int)st->audio_len, st->audio, 1, false, p);
+    } else {
+        mosquitto_property_add_byte(&p, MQTT_PROP_PAYLOAD_FORMAT_INDICATOR, 1);
+        rc = mosquitto_publish_v5(m, NULL, st->req_topic, (int)strlen(st->payload), st->payload, 1, false, p);
+    }
     mosquitto_property_free_all(&p);
     if (rc != MOSQ_ERR_SUCCESS) {
         fprintf(stderr, "mqtt_chat: publish failed: %s\n", mosquitto_strerror(rc));
@@ -242,15 +258,41 @@ static void on_message(struct mosquitto *m, void *obj, const struct mosquitto_me
 static void usage(const char *argv0) {
     fprintf(stderr,
             "usage: %s [-h host] [-p port] [-d device_id] [-t prefix] [-u user] [-P password]\n"
-            "          [-i client_id] [-n max_tokens] [-s seed] [-T timeout_s] PROMPT\n", argv0);
+            "          [-i client_id] [-n max_tokens] [-s seed] [-T timeout_s] [-a audio_file] [PROMPT]\n", argv0);
+}
+
+/* The whole file, and its MIME type from its first bytes; NULL (with a message) if unusable. */
+static char *read_audio(const char *path, long *len, const char **mime) {
+    FILE *f = fopen(path, "rb");
+    if (!f) { perror(path); return NULL; }
+    fseek(f, 0, SEEK_END);
+    *len = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *data = *len > 0 ? malloc((size_t)*len) : NULL;
+    if (!data || fread(data, 1, (size_t)*len, f) != (size_t)*len) {
+        fprintf(stderr, "%s: cannot read\n", path);
+        fclose(f);
+        free(data);
+        return NULL;
+    }
+    fclose(f);
+    if (*len >= 12 && memcmp(data, "RIFF", 4) == 0 && memcmp(data + 8, "WAVE", 4) == 0) *mime = "audio/wav";
+    else if (*len >= 4 && memcmp(data, "fLaC", 4) == 0) *mime = "audio/flac";
+    else if (*len >= 4 && memcmp(data, "OggS", 4) == 0) *mime = "audio/ogg";
+    else {
+        fprintf(stderr, "%s: not a WAV, FLAC or OGG file\n", path);
+        free(data);
+        return NULL;
+    }
+    return data;
 }
 
 int main(int argc, char **argv) {
     const char *host = "localhost", *device = "jetson", *prefix = "edge", *user = NULL, *pass = NULL;
-    const char *client_id = NULL;
+    const char *client_id = NULL, *audio_path = NULL;
     int port = 1883, max_tokens = 128, timeout_s = 60, opt;
     long long seed = -1;
-    while ((opt = getopt(argc, argv, "h:p:d:t:u:P:i:n:s:T:")) != -1) {
+    while ((opt = getopt(argc, argv, "h:p:d:t:u:P:i:n:s:T:a:")) != -1) {
         switch (opt) {
         case 'h': host = optarg; break;
         case 'p': port = atoi(optarg); break;
@@ -262,13 +304,16 @@ int main(int argc, char **argv) {
         case 'n': max_tokens = atoi(optarg); break;
         case 's': seed = atoll(optarg); break;
         case 'T': timeout_s = atoi(optarg); break;
+        case 'a': audio_path = optarg; break;
         default: usage(argv[0]); return 2;
         }
     }
-    if (optind != argc - 1) { usage(argv[0]); return 2; }
+    if (audio_path ? optind < argc - 1 : optind != argc - 1) { usage(argv[0]); return 2; }
 
     struct state st;
     memset(&st, 0, sizeof st);
+    if (audio_path && !(st.audio = read_audio(audio_path, &st.audio_len, &st.audio_mime))) return 2;
+    const char *op = audio_path && optind == argc ? "transcribe" : "chat";
     char cid[64];
     if (!client_id) {
         snprintf(cid, sizeof cid, "mqtt-chat-%ld", (long)getpid());
@@ -276,19 +321,29 @@ int main(int argc, char **argv) {
     }
     const char *name = user ? user : client_id; /* the ACL identifies clients by username */
     snprintf(st.request_id, sizeof st.request_id, "c-%ld-%ld", (long)getpid(), (long)time(NULL));
-    snprintf(st.req_topic, TOPIC_MAX, "%s/v1/%s/req/%s/chat", prefix, device, name);
+    snprintf(st.req_topic, TOPIC_MAX, "%s/v1/%s/req/%s/%s", prefix, device, name, op);
     snprintf(st.reply_topic, TOPIC_MAX, "%s/v1/clients/%s/res/%s", prefix, name, device);
     snprintf(st.status_topic, TOPIC_MAX, "%s/v1/%s/status", prefix, device);
 
-    char *prompt = json_escape(argv[optind]);
+    char *prompt = json_escape(optind < argc ? argv[optind] : "");
     char seed_field[48] = "";
     if (seed >= 0) snprintf(seed_field, sizeof seed_field, ",\"seed\":%lld", seed);
-    size_t plen = strlen(prompt) + 256;
+    size_t plen = (prompt ? strlen(prompt) : 0) + 512;
     st.payload = malloc(plen);
     if (!prompt || !st.payload) return 3;
-    snprintf(st.payload, plen,
-             "{\"v\":1,\"request_id\":\"%s\",\"messages\":[{\"role\":\"user\",\"content\":%s}],"
-             "\"max_tokens\":%d%s,\"stream\":true}", st.request_id, prompt, max_tokens, seed_field);
+    if (strcmp(op, "transcribe") == 0)
+        snprintf(st.payload, plen,
+                 "{\"v\":1,\"request_id\":\"%s\",\"audio\":{\"payload\":true,\"mime\":\"%s\"},"
+                 "\"max_tokens\":%d,\"stream\":true}", st.request_id, st.audio_mime, max_tokens);
+    else if (st.audio)
+        snprintf(st.payload, plen,
+                 "{\"v\":1,\"request_id\":\"%s\",\"messages\":[{\"role\":\"user\",\"content\":["
+                 "{\"type\":\"audio\",\"payload\":true,\"mime\":\"%s\"},{\"type\":\"text\",\"text\":%s}]}],"
+                 "\"max_tokens\":%d%s,\"stream\":true}", st.request_id, st.audio_mime, prompt, max_tokens, seed_field);
+    else
+        snprintf(st.payload, plen,
+                 "{\"v\":1,\"request_id\":\"%s\",\"messages\":[{\"role\":\"user\",\"content\":%s}],"
+                 "\"max_tokens\":%d%s,\"stream\":true}", st.request_id, prompt, max_tokens, seed_field);
     free(prompt);
 
     mosquitto_lib_init();
@@ -322,5 +377,6 @@ int main(int argc, char **argv) {
     mosquitto_destroy(m);
     mosquitto_lib_cleanup();
     free(st.payload);
+    free(st.audio);
     return st.done == 1 ? 0 : st.done == 2 ? 1 : 3;
 }
