@@ -15,6 +15,7 @@ streams, watch, sync (``Client``), aio (``AsyncClient``), discovery (``discover`
 """
 
 from edge_sdk.client.aio import AsyncClient
+from edge_sdk.client.audio_stream import AudioStream
 from edge_sdk.client.discovery import discover
 from edge_sdk.client.errors import (BadRequestError, BrokerConnectionError, BusyError, CameraUnavailableError,
                                     DeviceOfflineError, EdgeError, InvalidAudioError, InvalidImageError, ProtocolError,
@@ -27,7 +28,7 @@ from edge_sdk.client.sync import Client
 from edge_sdk.client.watch import AsyncWatchHandle, WatchHandle
 from edge_sdk.protocol.models import Capabilities, WatchEnd, WatchError, WatchEvent, WatchRegistered
 
-__all__ = ["Client", "AsyncClient", "ChatStream", "AsyncChatStream", "ChatResult", "ChatDelta", "Capabilities",
+__all__ = ["Client", "AsyncClient", "AudioStream", "ChatStream", "AsyncChatStream", "ChatResult", "ChatDelta", "Capabilities",
            "ConnectionSettings", "WatchHandle", "AsyncWatchHandle", "WatchEvent", "WatchError", "WatchEnd",
            "WatchRegistered", "EdgeError", "BadRequestError", "UnsupportedMediaError", "InvalidImageError", "InvalidAudioError",
            "BusyError", "DeviceOfflineError", "CameraUnavailableError", "RequestTimeoutError", "ServerError",

@@ -31,7 +31,7 @@ from edge_sdk.protocol.topics import Topics, check_client_name, check_device_id
 
 log = logging.getLogger("edge_sdk.client")
 
-TERMINAL_EVENTS = ("result", "error", "watch_registered", "snapshot")
+TERMINAL_EVENTS = ("result", "error", "watch_registered", "snapshot", "stream_closed")
 
 
 @dataclass(eq=False)
@@ -323,6 +323,18 @@ class Connection:
         if info.rc == mqtt.MQTT_ERR_NO_CONN:
             p.resend = False  # paho re-sends queued QoS 1 messages itself on reconnect
         return p
+
+    def expect(self, rid: str, deliver: Callable[[Any], None]) -> None:
+        """Route the events of ``rid`` (a request the device started itself, such as an audio
+        stream's utterance) to ``deliver``."""
+        with self._lock:
+            self._pending[rid] = Pending(rid, "", b"", None, deliver)
+
+    def publish_binary(self, op: str, payload: dict, body: bytes, content_type: str) -> None:
+        """A fire-and-forget binary message (an audio stream's chunk): ``body`` as the MQTT 5
+        payload, the JSON ``payload`` in the user property 'request'."""
+        props = publish_props(content_type=content_type, user=[(REQUEST_PROPERTY, dumps(payload).decode("utf-8"))])
+        self.client.publish(self.topics.request(self.name, op), body, qos=1, properties=props)
 
     def forget(self, rid: str) -> None:
         with self._lock:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import queue
 from typing import Any, Iterable
 
+from edge_sdk.client.audio_stream import AudioStream
 from edge_sdk.client.connection import Connection
 from edge_sdk.client.payloads import (build_chat_payload, build_snapshot_payload, build_transcribe_payload,
                                       build_watch_payload, prepare_media,
@@ -95,6 +96,13 @@ class Client:
         p = self._core.submit(payload, q.put, timeout, op="transcribe", attachment=attachment)
         s = ChatStream(self._core, p, q, timeout)
         return s if stream else s.wait()
+
+    def audio_stream(self, *, language: str | None = None, end_silence_ms: int | None = None,
+                     max_utterance_s: float | None = None, max_tokens: int | None = None,
+                     timeout: float = 10.0) -> AudioStream:
+        """Open a live audio stream (a device with audio and VAD): ``send`` audio, read ``events()``."""
+        return AudioStream(self._core, language=language, end_silence_ms=end_silence_ms,
+                           max_utterance_s=max_utterance_s, max_tokens=max_tokens, timeout=timeout)
 
     def cancel(self, request_id: str) -> None:
         """Ask the device to stop a request (harmless if it is unknown or finished)."""

@@ -8,14 +8,16 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from edge_sdk.protocol.models import (Accepted, CancelRequest, Capabilities, ChatRequest, Delta, Error, Health,
-                                      Result, Snapshot, SnapshotRequest, TranscribeRequest, WatchCancelRequest,
+from edge_sdk.protocol.models import (Accepted, AudioStreamRequest, CancelRequest, Capabilities, ChatRequest, Delta, Error, Health,
+                                      Result, Snapshot, SnapshotRequest, StreamEvent, TranscribeRequest, WatchCancelRequest,
                                       WatchEnd, WatchError, WatchEvent, WatchRegistered, WatchRequest)
 from edge_sdk.protocol.topics import SCHEMA_VERSION
 
 SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "chat_request": ChatRequest,
     "transcribe_request": TranscribeRequest,
+    "audio_stream_request": AudioStreamRequest,
+    "stream_event": StreamEvent,
     "cancel_request": CancelRequest,
     "watch_request": WatchRequest,
     "watch_cancel_request": WatchCancelRequest,

@@ -45,7 +45,9 @@ ErrorCode = Literal["invalid_json", "invalid_request", "invalid_reply_topic", "g
 CAMERA_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 #: The operations of ``R/req/C/<op>``.
-OPS = ("chat", "transcribe", "cancel", "watch", "watch_cancel", "snapshot")
+OPS = ("chat", "transcribe", "audio_stream", "cancel", "watch", "watch_cancel", "snapshot")
+#: Live audio streams take this format only: what firmware microphones deliver, no resampling.
+STREAM_AUDIO_MIME = "audio/pcm;rate=16000"
 #: Audio MIME types a request may carry: a file (WAV/FLAC/OGG) or raw PCM16 with its rate
 #: (audio/L16: big-endian, RFC 2586; audio/pcm: little-endian).
 AUDIO_MIME_PATTERN = r"^audio/[a-zA-Z0-9.+-]{1,32}(\s*;\s*[a-z]{1,16}\s*=\s*[A-Za-z0-9.-]{1,16}){0,4}$"
@@ -205,6 +207,37 @@ class TranscribeRequest(_Strict):
     stream: bool = True
     priority: int = Field(default=5, ge=0, le=9)
     deadline_ms: int | None = Field(default=None, ge=1, le=86_400_000)
+
+
+class AudioStreamRequest(_Strict):
+    """Payload on ``R/req/C/audio_stream``: live audio from firmware, transcribed per utterance.
+    ``request_id`` names the stream. ``open`` it (options below), send ``chunk``s (each the MQTT 5
+    binary payload, content type ``audio/pcm;rate=16000``: 16 kHz mono PCM16 little-endian,
+    20-200 ms each, QoS 1, in order, ``seq`` counting up from 0; this JSON in the user property
+    ``request``), ``close`` it. Events: stream_opened, voice_started, voice_stopped (each
+    utterance then runs as request ``<stream id>-u<n>``: accepted, deltas, result), stream_closed."""
+
+    v: Literal[1] = 1
+    request_id: RequestId | None = None
+    reply_to: str | None = Field(default=None, max_length=512)
+    action: Literal["open", "chunk", "close"]
+    seq: int | None = Field(default=None, ge=0, description="chunks: 0, 1, 2, ...; a repeated seq is ignored")
+    language: str | None = Field(default=None, pattern=r"^[a-z]{2}$", description="open: ISO-639-1 of the speech")
+    end_silence_ms: int = Field(default=700, ge=100, le=10_000, description="open: silence that ends an utterance")
+    max_utterance_s: float = Field(default=15.0, ge=1.0, le=120.0, description="open: longest utterance")
+    max_tokens: int | None = Field(default=None, ge=1, description="open: per utterance's transcript")
+
+
+class StreamEvent(_ReplyEvent):
+    """An audio stream's own events (``request_id`` the stream id): stream_opened;
+    voice_started (``t_s``: seconds into the stream); voice_stopped (``t_s``, ``utterance``: its
+    transcript comes as request ``<stream id>-u<utterance>``); stream_closed (``reason``:
+    closed, idle, client_gone, stopping)."""
+
+    type: Literal["stream_opened", "voice_started", "voice_stopped", "stream_closed"]
+    t_s: float | None = None
+    utterance: int | None = None
+    reason: str | None = None
 
 
 class CancelRequest(_Strict):
@@ -404,6 +437,8 @@ class Limits(_Event):
     max_image_bytes: int | None = None
     max_audio_bytes: int | None = None
     max_audio_s: float | None = None
+    max_audio_streams: int | None = None
+    audio_stream_idle_s: float | None = None
     watch_min_every_s: float | None = None
     max_watch_jobs: int | None = None
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ValidationError
 
-from edge_sdk.protocol.models import (JOB_ID_PATTERN, CancelRequest, ChatRequest, SnapshotRequest, TranscribeRequest,
+from edge_sdk.protocol.models import (JOB_ID_PATTERN, AudioStreamRequest, CancelRequest, ChatRequest, SnapshotRequest, TranscribeRequest,
                                       WatchCancelRequest, WatchRequest)
 from edge_sdk.serve.cameras import CameraHub, check_image_bytes
 from edge_sdk.serve.config import ServeSettings
@@ -26,6 +26,7 @@ _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 REQUEST_MODELS: dict[str, type[BaseModel]] = {
     "chat": ChatRequest,
     "transcribe": TranscribeRequest,
+    "audio_stream": AudioStreamRequest,
     "cancel": CancelRequest,
     "watch": WatchRequest,
     "watch_cancel": WatchCancelRequest,
@@ -84,6 +85,21 @@ class Admission:
         self._check_payload_use([req.audio], env.attachment)
         self._check_audio([req.audio], env.attachment)
 
+    def _check_audio_stream(self, env: Envelope, req: AudioStreamRequest) -> None:
+        self._take_request_id(env, req)
+        if req.action == "open":
+            self._check_takes("audio", "audio")
+            self._check_max_tokens(req.max_tokens)
+            from edge_sdk.media.vad import VadUnavailable, silero_model_path
+
+            try:
+                silero_model_path(self.s.vad_model)
+            except VadUnavailable as e:
+                raise Refusal("unsupported_media", f"audio streams need voice activity detection: {e}") from None
+        if env.attachment is not None and len(env.attachment) > self.s.max_audio_bytes:
+            raise Refusal("payload_too_large", f"a chunk of {len(env.attachment)} bytes exceeds max_audio_bytes "
+                                               f"({self.s.max_audio_bytes})")
+
     def _check_watch(self, env: Envelope, req: WatchRequest) -> None:
         job_id = req.request_id or env.reply.request_id
         if job_id is None or not _JOB_ID_RE.match(job_id):
@@ -111,7 +127,7 @@ class Admission:
             raise Refusal("invalid_request", f"max_tokens {max_tokens} exceeds this device's limit {self.s.max_tokens}")
 
     @staticmethod
-    def _take_request_id(env: Envelope, req: ChatRequest | TranscribeRequest) -> None:
+    def _take_request_id(env: Envelope, req: ChatRequest | TranscribeRequest | AudioStreamRequest) -> None:
         rid = req.request_id or env.reply.request_id
         if rid is None:
             raise Refusal("invalid_request", "request_id missing: put it in the payload or in the MQTT 5 Correlation Data")

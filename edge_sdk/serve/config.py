@@ -106,6 +106,10 @@ class ServeSettings(BaseSettings):
                                  description="largest audio (MQTT 5 binary payload or decoded base64): 4 MiB is "
                                              "2 min of 16 kHz PCM16; keep it below the broker's max_packet_size")
     max_audio_s: float = Field(default=120.0, gt=0, description="longest audio a request may carry, in seconds")
+    max_audio_streams: int = Field(default=4, ge=0, description="live audio streams open at once (all clients)")
+    audio_stream_idle_s: float = Field(default=10.0, gt=0, description="a stream with no chunk for this long is closed")
+    vad_model: str | None = Field(default=None, description="Silero VAD .onnx for audio streams (default: the "
+                                                             "silero-vad wheel's, or EDGE_SDK_VAD_MODEL)")
     snapshot_max_side: int = Field(default=640, ge=16, description="snapshot JPEGs are scaled to fit this side")
     snapshot_quality: int = Field(default=80, ge=10, le=100, description="snapshot JPEG quality")
     snapshot_interval_s: float = Field(default=0.0, ge=0,

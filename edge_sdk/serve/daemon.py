@@ -30,15 +30,17 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 import edge_sdk
 from edge_sdk.mqtt_common import make_client
-from edge_sdk.protocol.models import (OPS, Accepted, CancelRequest, Capabilities, ChatRequest, Health, SnapshotRequest,
+from edge_sdk.media.vad import SileroVad
+from edge_sdk.protocol.models import (OPS, Accepted, AudioStreamRequest, CancelRequest, Capabilities, ChatRequest, Health, SnapshotRequest,
                                       WatchCancelRequest, WatchRegistered, WatchRequest)
 from edge_sdk.protocol.topics import SCHEMA_VERSION, Topics
 from edge_sdk.serve.admission import Admission
+from edge_sdk.serve.audio_streams import AudioStreams
 from edge_sdk.serve.cameras import CameraHub
 from edge_sdk.serve.config import ServeSettings
 from edge_sdk.serve.events import Publisher, to_wire
 from edge_sdk.serve.housekeeper import Housekeeper, rss_bytes
-from edge_sdk.serve.scheduler import Scheduler
+from edge_sdk.serve.scheduler import Job, Scheduler
 from edge_sdk.serve.sdnotify import Notifier
 from edge_sdk.serve.snapshots import Snapshots
 from edge_sdk.serve.transport import Envelope, Refusal, read_message, shutting_down
@@ -105,6 +107,7 @@ class Daemon:
         self.scheduler = Scheduler(s.queue_length, s.max_pending_per_client, s.recent_requests, self.stats)
         self.worker = Worker(model, self.scheduler, s, self.hub, self.stats, self._stopped)
         self.watch = WatchManager(s, self.topics, self.hub, self.scheduler.enqueue, self.publisher.send)
+        self.streams = AudioStreams(s, self.publisher.event, self._submit_job, lambda: SileroVad(s.vad_model))
         self.snapshots = Snapshots(self.hub, s, self.topics, self.publisher)
         self.housekeeper = Housekeeper(
             self._stopped, self.notifier, expire=self.scheduler.expire, publish_health=self._publish_health,
@@ -143,6 +146,7 @@ class Daemon:
         log.info("stopping (grace %.1f s)", grace_s)
         self.notifier.notify("STOPPING=1")
         self.watch.stop()
+        self.streams.stop()
         self.publisher.send(self.topics.status, b"stopping", retain=True)
         self.scheduler.stop()
         if not self.scheduler.wait_idle(grace_s):
@@ -256,26 +260,34 @@ class Daemon:
 
     def _op_chat(self, env: Envelope, req: ChatRequest) -> None:
         reply = env.reply
-        job = self.admission.job(env, req, lambda ev: self.publisher.event(reply, ev))
+        self._submit_job(self.admission.job(env, req, lambda ev: self.publisher.event(reply, ev)))
+
+    _op_transcribe = _op_chat  # the same path: one job, the same events
+
+    def _op_audio_stream(self, env: Envelope, req: AudioStreamRequest) -> None:
+        self.streams.handle(env, req)
+
+    def _submit_job(self, job: Job) -> None:
+        """A client's job into the queue: 'accepted', or its earlier outcome for a duplicate."""
+        reply, req = job.reply, job.req
         admitted = self.scheduler.submit(job)
         if admitted.duplicate:
-            log.info("request %s/%s is already in progress; duplicate ignored", env.client, job.request_id)
+            log.info("request %s/%s is already in progress; duplicate ignored", job.client, job.request_id)
             return
         if admitted.finished is not None:
-            log.info("request %s/%s already finished; resending its final event", env.client, job.request_id)
+            log.info("request %s/%s already finished; resending its final event", job.client, job.request_id)
             return self.publisher.event(reply, admitted.finished)
         # 'accepted' is queued in paho before the worker can see the job: seq order holds.
         self.publisher.event(reply, Accepted(request_id=job.request_id, queue_position=admitted.position))
         if not self.scheduler.enqueue(job):  # stopping meanwhile: the scheduler ended it
             return
-        log.debug("accepted %s/%s (priority %d, position %d)", env.client, job.request_id, req.priority,
+        log.debug("accepted %s/%s (priority %d, position %d)", job.client, job.request_id, req.priority,
                   admitted.position)
-
-    _op_transcribe = _op_chat  # the same path: one job, the same events
 
     def _op_cancel(self, env: Envelope, req: CancelRequest) -> None:
         if req.all:
             self.watch.cancel_client(env.client, req.reply_to)
+            self.streams.close_client(env.client)
         elif self.watch.cancel(env.client, req.request_id):
             return
         jobs = self.scheduler.cancel(env.client, None if req.all else req.request_id, req.reply_to)
@@ -339,7 +351,8 @@ class Daemon:
                     "queue_length": s.queue_length, "max_pending_per_client": s.max_pending_per_client,
                     "max_payload_bytes": s.max_payload_bytes, "max_messages": s.max_messages,
                     "max_image_bytes": s.max_image_bytes, "max_audio_bytes": s.max_audio_bytes,
-                    "max_audio_s": s.max_audio_s, "watch_min_every_s": s.watch_min_every_s,
+                    "max_audio_s": s.max_audio_s, "max_audio_streams": s.max_audio_streams,
+                    "audio_stream_idle_s": s.audio_stream_idle_s, "watch_min_every_s": s.watch_min_every_s,
                     "max_watch_jobs": s.max_watch_jobs},
             topics={"request": t.request("{client}", "{op}"), "inbox": t.inbox("{client}"),
                     "status": t.status, "capabilities": t.capabilities, "health": t.health,

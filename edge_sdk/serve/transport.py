@@ -129,7 +129,7 @@ def _read(msg, topics: Topics, client: str, op: str, extra: list[str], reply: Re
     return Envelope(client, op, data, reply, attachment)
 
 
-BINARY_OPS = ("chat", "transcribe")
+BINARY_OPS = ("chat", "transcribe", "audio_stream")
 
 
 def _split_binary(msg: mqtt.MQTTMessage) -> tuple[bytes, bytes | None]:
