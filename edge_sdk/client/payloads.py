@@ -51,49 +51,55 @@ def build_chat_payload(messages: str | Iterable[Any] | None = None, *, prompt: s
     return payload
 
 
+def _file_bytes(source: Any) -> bytes | None:
+    """Bytes as they are, or a file's contents; None for anything else."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            return f.read()
+    return None
+
+
+def _is_array(value: Any) -> bool:
+    return type(value).__module__ == "numpy" and hasattr(value, "shape")
+
+
 def encode_image_input(image: Any) -> tuple[bytes, str]:
     """An image for a request -> (encoded bytes, MIME type). Paths and bytes are sent as they are
     (the device checks them); an HxWx3 uint8 RGB ndarray (as the runtime takes) becomes a JPEG
     (quality 95), an HxW one a grey JPEG."""
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        data = bytes(image)
-    elif isinstance(image, (str, os.PathLike)):
-        with open(image, "rb") as f:
-            data = f.read()
-    elif type(image).__module__ == "numpy" and hasattr(image, "shape"):
-        import cv2
-        import numpy as np
-
-        arr = np.asarray(image)
-        if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
-            raise ValueError(f"an image array must be HxWx3 (RGB) or HxW uint8, got {arr.shape} {arr.dtype}")
-        ok, buf = cv2.imencode(".jpg", arr[:, :, ::-1] if arr.ndim == 3 else arr, [cv2.IMWRITE_JPEG_QUALITY, 95])
-        if not ok:
-            raise ValueError("cannot encode the image array as JPEG")
-        return buf.tobytes(), "image/jpeg"
-    else:
+    data = _file_bytes(image)
+    if data is not None:
+        return data, sniff_mime(data) or "application/octet-stream"
+    if not _is_array(image):
         raise TypeError(f"an image must be a path, bytes or a numpy array, not {type(image).__name__}")
-    return data, sniff_mime(data) or "application/octet-stream"
+    import cv2
+    import numpy as np
+
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
+        raise ValueError(f"an image array must be HxWx3 (RGB) or HxW uint8, got {arr.shape} {arr.dtype}")
+    ok, buf = cv2.imencode(".jpg", arr[:, :, ::-1] if arr.ndim == 3 else arr, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    if not ok:
+        raise ValueError("cannot encode the image array as JPEG")
+    return buf.tobytes(), "image/jpeg"
 
 
 def encode_audio_input(audio: Any, mime: str | None = None) -> tuple[bytes, str]:
     """Audio for a request -> (bytes, MIME type). Files (paths, bytes) are sent as they are (the
     device decodes them); raw PCM16 bytes need ``mime`` (``audio/pcm;rate=16000``); a float32
     array of 16 kHz samples (what the runtime takes) becomes little-endian PCM16."""
-    if isinstance(audio, (bytes, bytearray, memoryview)):
-        data = bytes(audio)
-    elif isinstance(audio, (str, os.PathLike)):
-        with open(audio, "rb") as f:
-            data = f.read()
-    elif type(audio).__module__ == "numpy" and hasattr(audio, "shape"):
+    data = _file_bytes(audio)
+    if data is None:
+        if not _is_array(audio):
+            raise TypeError(f"audio must be a path, bytes or a numpy array, not {type(audio).__name__}")
         import numpy as np
 
         arr = np.asarray(audio, dtype=np.float32)
         if arr.ndim != 1:
             raise ValueError(f"an audio array must be 1-D samples at 16 kHz, got shape {arr.shape}")
         return (np.clip(arr, -1, 1) * 32767).astype("<i2").tobytes(), "audio/pcm;rate=16000"
-    else:
-        raise TypeError(f"audio must be a path, bytes or a numpy array, not {type(audio).__name__}")
     mime = mime or sniff_mime(data)
     if mime is None or not mime.startswith("audio/"):
         raise ValueError("cannot tell the audio format from its bytes: pass mime (e.g. 'audio/pcm;rate=16000')")

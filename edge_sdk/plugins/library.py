@@ -80,7 +80,7 @@ def source_hash() -> str:
     """sha256 over the shipped sources: part of the library's and of the engines' cache keys."""
     h = hashlib.sha256()
     for path in sorted(SOURCES.iterdir()):
-        if path.suffix in (".cu", ".cpp", ".h"):
+        if path.suffix in (".cu", ".cuh", ".cpp", ".h"):
             h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 

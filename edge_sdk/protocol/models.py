@@ -96,6 +96,14 @@ def _require_one(message: str, *given: bool) -> None:
 # --- requests -------------------------------------------------------------------------------------
 
 
+def _check_base64(data: str | None, what: str) -> None:
+    if data is not None:
+        try:
+            base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ValueError(f"{what} data is not valid base64: {e}") from None
+
+
 class TextPart(_Strict):
     type: Literal["text"]
     text: str = Field(max_length=1_000_000)
@@ -118,11 +126,7 @@ class ImagePart(_Strict):
     def _one_source(self):
         _require_one("an image part names exactly one of 'camera', 'data' or 'payload'",
                      self.camera is not None, self.data is not None, self.payload is not None)
-        if self.data is not None:
-            try:
-                base64.b64decode(self.data, validate=True)
-            except (binascii.Error, ValueError) as e:
-                raise ValueError(f"image data is not valid base64: {e}") from None
+        _check_base64(self.data, "image")
         return self
 
 
@@ -141,11 +145,7 @@ class AudioSource(_Strict):
     @model_validator(mode="after")
     def _one_source(self):
         _require_one("audio names exactly one of 'data' or 'payload'", self.data is not None, self.payload is not None)
-        if self.data is not None:
-            try:
-                base64.b64decode(self.data, validate=True)
-            except (binascii.Error, ValueError) as e:
-                raise ValueError(f"audio data is not valid base64: {e}") from None
+        _check_base64(self.data, "audio")
         return self
 
 

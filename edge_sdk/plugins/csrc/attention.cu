@@ -7,19 +7,11 @@
 // 2. attentionKernel: one block per (head, token, sequence), online softmax over the visible
 //    keys in chunks of kChunk (scores in shared memory, running max and sum), output accumulated
 //    by threads over head_dim. Scores and softmax in float32 for either dtype.
+#include "dtype.cuh"
 #include "kernels.h"
-
-#include <cuda_fp16.h>
 
 namespace edge_sdk {
 namespace {
-
-template <typename T> __device__ __forceinline__ float toFloat(T v);
-template <> __device__ __forceinline__ float toFloat<float>(float v) { return v; }
-template <> __device__ __forceinline__ float toFloat<__half>(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T fromFloat(float v);
-template <> __device__ __forceinline__ float fromFloat<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half fromFloat<__half>(float v) { return __float2half_rn(v); }
 
 constexpr int kThreads = 128;
 constexpr int kChunk = 512;

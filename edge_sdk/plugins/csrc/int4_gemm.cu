@@ -7,19 +7,11 @@
 // sums go to the float32 workspace and a second kernel adds them and casts.
 // GEMM (prefill): 64 x 64 output tiles, K in steps of 32, x and the dequantized W tile staged in
 // shared memory, 4 x 4 outputs per thread. Plain FMA, no tensor cores: correct first.
+#include "dtype.cuh"
 #include "kernels.h"
-
-#include <cuda_fp16.h>
 
 namespace edge_sdk {
 namespace {
-
-template <typename T> __device__ __forceinline__ float toFloat(T v);
-template <> __device__ __forceinline__ float toFloat<float>(float v) { return v; }
-template <> __device__ __forceinline__ float toFloat<__half>(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T fromFloat(float v);
-template <> __device__ __forceinline__ float fromFloat<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half fromFloat<__half>(float v) { return __float2half_rn(v); }
 
 __device__ __forceinline__ float nibble(uint32_t word, int i) {
     return static_cast<float>(static_cast<int32_t>(word << (28 - 4 * i)) >> 28);  // sign-extended
