@@ -12,28 +12,21 @@ from pathlib import Path
 
 import numpy as np
 
+from ..models.ministral3 import rotate_half, softmax
+from ..quant.int4 import unpack_int4
 from . import ops
-
-
-def unpack_int4(qweight: np.ndarray) -> np.ndarray:
-    """int8 [K, N/2] (two's complement nibbles, even column low) -> int8 codes [K, N]."""
-    b = np.asarray(qweight).view(np.int8)
-    low = (b << 4).astype(np.int8) >> 4  # sign-extend the low nibble
-    high = b >> 4
-    return np.stack([low, high], axis=-1).reshape(b.shape[0], -1)
 
 
 def int4_gemm(x: np.ndarray, qweight: np.ndarray, scales: np.ndarray, group_size: int) -> np.ndarray:
     """x [..., K] @ (codes * scales of their group) [K, N], in x's dtype (accumulated in float32)."""
-    w = unpack_int4(qweight).astype(np.float32) * np.repeat(scales.astype(np.float32), group_size, axis=0)
+    codes = unpack_int4(np.asarray(qweight).view(np.uint8))  # the exporter's packing, read back
+    w = codes.astype(np.float32) * np.repeat(scales.astype(np.float32), group_size, axis=0)
     return (x.astype(np.float32) @ w).astype(x.dtype)
 
 
 def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """x [B, S, n, D] * cos + rotate_half(x) * sin, cos/sin [B, S, D]."""
-    half = x.shape[-1] // 2
-    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, :, None] + rotated * sin[:, :, None]
+    return x * cos[:, :, None] + rotate_half(x) * sin[:, :, None]
 
 
 def attention(qkv: np.ndarray, kv_cache: np.ndarray, past_lengths: np.ndarray, cos: np.ndarray,
@@ -64,8 +57,7 @@ def attention(qkv: np.ndarray, kv_cache: np.ndarray, past_lengths: np.ndarray, c
         scores = qg @ keys[:, None].transpose(0, 1, 3, 2)  # [KV, G, S, T]
         visible = np.arange(total)[None, :] <= (start + np.arange(s_len))[:, None]
         scores = np.where(visible, scores, -np.inf)
-        probs = np.exp(scores - scores.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
+        probs = softmax(scores)
         o = probs.astype(dtype).astype(np.float32) @ values[:, None]  # [KV, G, S, D]
         out[b] = o.reshape(h, s_len, d).transpose(1, 0, 2)
     return out.reshape(b_size, s_len, h * d), cache

@@ -96,9 +96,7 @@ class Admission:
                 silero_model_path(self.s.vad_model)
             except VadUnavailable as e:
                 raise Refusal("unsupported_media", f"audio streams need voice activity detection: {e}") from None
-        if env.attachment is not None and len(env.attachment) > self.s.max_audio_bytes:
-            raise Refusal("payload_too_large", f"a chunk of {len(env.attachment)} bytes exceeds max_audio_bytes "
-                                               f"({self.s.max_audio_bytes})")
+        self._check_audio([], env.attachment)
 
     def _check_watch(self, env: Envelope, req: WatchRequest) -> None:
         job_id = req.request_id or env.reply.request_id
