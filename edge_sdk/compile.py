@@ -243,12 +243,16 @@ def engine_key(pkg_dir: Path, graph_file: str, status, dims, plugin_hash: str | 
     optimization profiles and (for the plugin graph) the plugin sources. Same key: same plan."""
     from edge_sdk.package import sha256_file  # noqa: PLC0415
 
+    import onnx  # noqa: PLC0415
+
     parts = [status.tensorrt_version, status.device_name, str(status.sm), json.dumps(dims, sort_keys=True),
              plugin_hash or ""]
     graph = pkg_dir / graph_file
-    for path in (graph, graph.with_name(graph.name + ".data")):
-        if path.is_file():
-            parts.append(sha256_file(path))
+    # the weights files the graph reads (the plugin graph reads decoder.onnx.data)
+    model = onnx.load(str(graph), load_external_data=False)
+    data = sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
+    for path in [graph] + [graph.parent / name for name in data]:
+        parts.append(sha256_file(path))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

@@ -104,3 +104,15 @@ def test_without_plugins_the_standard_graph_serves(orin_package, monkeypatch, ca
     assert "TensorRT plugins unavailable (CUDA toolkit not found (test))" in caplog.text
     assert [b for b in built if b[0] == "decoder.plugins.onnx"] == []
 
+
+
+def test_the_plugin_engine_key_covers_the_weights_it_reads(orin_package):
+    """decoder.plugins.onnx has no weights file of its own: it reads decoder.onnx.data."""
+    pkg, _ = orin_package
+    manifest = load_manifest(pkg, verify=False)
+    before = trt_compile.engine_key(pkg, manifest.graphs["decoder_plugins"].file, ORIN, {}, "src")
+    data = pkg / "decoder.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 1
+    data.write_bytes(bytes(raw))
+    assert trt_compile.engine_key(pkg, manifest.graphs["decoder_plugins"].file, ORIN, {}, "src") != before
