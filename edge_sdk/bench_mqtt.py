@@ -98,7 +98,7 @@ def bench_mqtt(model: Any, *, prompt: Any = None, max_tokens: int = 64, runs: in
             "overhead": {"ttft_ms": diff("ttft_ms"), "total_ms": diff("total_ms"),
                          "tokens_per_s_ratio": round(tps_b / tps_a, 4) if tps_a and tps_b else None},
             "same_tokens": same, "runs": runs, "max_tokens": max_tokens, "seed": seed,
-            "model": daemon.info["name"], "coalesce_ms": daemon.s.coalesce_ms,
+            "model": daemon.models.default.name, "coalesce_ms": daemon.s.coalesce_ms,
             "broker": f"{_mosquitto_version() if broker else 'external'} at {daemon.s.host}:{daemon.s.port}",
         }
 

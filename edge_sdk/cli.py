@@ -270,9 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("serve", help="serve an engine package over MQTT (the on-device daemon)",
-                       description="Connect to the local MQTT broker and serve text and image requests; "
-                                   "see edge_sdk/protocol/PROTOCOL.md for topics and payloads.")
+    p = sub.add_parser("serve", help="serve engine packages over MQTT (the on-device daemon)",
+                       description="Connect to the local MQTT broker and serve text, image and audio requests, "
+                                   "watch jobs on cameras and listen jobs on microphones, from one or several "
+                                   "packages; see edge_sdk/protocol/PROTOCOL.md for topics and payloads.")
     add_serve_arguments(p)
     p.set_defaults(func=run_serve)
 

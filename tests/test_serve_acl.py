@@ -187,3 +187,22 @@ def test_tls_listener(tmp_path):
         d.stop(grace_s=0.1)
     finally:
         b.cleanup()
+
+
+def test_listen_events_are_private(secured):
+    """What a daemon publishes on alice's listen job reaches alice and no one else, whatever bob
+    subscribes to (the wildcard over devices included, and the inbox level 'clients')."""
+    b, d = secured
+    topic = d.topics.listen_events("desk", "alice", "j1")
+    spy = RawClient(b, client_id=new_client_id("spy"), username="bob", password=USERS["bob"])
+    for pattern in ("edge/v1/+/events/#", "edge/v1/jetson/events/desk/listen/alice/#", "edge/v1/clients/events/#"):
+        spy.subscribe(pattern)
+    alice = RawClient(b, client_id=new_client_id("alice"), username="alice", password=USERS["alice"])
+    assert not alice.subscribe("edge/v1/+/events/+/listen/alice/#")[0].is_failure
+    daemon = RawClient(b, client_id=new_client_id("d"), username="edge-daemon", password=USERS["edge-daemon"])
+    daemon.publish(topic, b'{"type":"transcript"}')
+    assert alice.wait_for(lambda ms: any(m.topic == topic for m in ms))
+    time.sleep(0.3)
+    assert spy.msgs == []
+    for c in (spy, alice, daemon):
+        c.close()

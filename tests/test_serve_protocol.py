@@ -116,7 +116,7 @@ def test_cli_flags(tmp_path, monkeypatch):
     a = p.parse_args(["engines/tiny", "--host", "10.0.0.2", "--port", "1999", "--device-id", "orin-7",
                       "--queue-length", "5", "--tls-insecure"])
     s = settings_from_args(a)
-    assert a.engine == "engines/tiny"
+    assert a.engine == ["engines/tiny"]
     assert (s.host, s.port, s.device_id, s.queue_length, s.tls_insecure) == ("10.0.0.2", 1999, "orin-7", 5, True)
 
 

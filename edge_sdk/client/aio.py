@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Iterable
 
+from edge_sdk.client.audio_stream import AsyncAudioStream
 from edge_sdk.client.connection import Connection
-from edge_sdk.client.payloads import (build_chat_payload, build_snapshot_payload, build_transcribe_payload,
-                                      build_watch_payload, prepare_media,
-                                      snapshot_bytes)
+from edge_sdk.client.jobs import LISTEN, WATCH, AsyncJobHandle, JobKind, register_job
+from edge_sdk.client.payloads import (build_chat_payload, build_listen_payload, build_snapshot_payload,
+                                      build_transcribe_payload, build_watch_payload, prepare_media, snapshot_bytes)
 from edge_sdk.client.settings import ConnectionSettings
 from edge_sdk.client.streams import AsyncChatStream, ChatResult, threadsafe_putter
-from edge_sdk.client.watch import AsyncWatchHandle, register_watch
 from edge_sdk.protocol.models import Capabilities
 
 
@@ -53,13 +53,14 @@ class AsyncClient:
                    max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
                    top_k: int | None = None, seed: int | None = None, stop: list[str] | None = None,
                    stream: bool = False, timeout: float | None = None, deadline: float | None = None,
-                   priority: int | None = None, request_id: str | None = None) -> ChatResult | AsyncChatStream:
+                   priority: int | None = None, request_id: str | None = None,
+                   model: str | None = None) -> ChatResult | AsyncChatStream:
         """As ``Client.chat``; with ``stream=True`` returns an ``AsyncChatStream``."""
         core = await self._c()
         timeout = self._st.timeout if timeout is None else timeout
         payload = build_chat_payload(messages, prompt=prompt, request_id=request_id, max_tokens=max_tokens,
                                      temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-                                     stream=stream, deadline=deadline, priority=priority)
+                                     stream=stream, deadline=deadline, priority=priority, model=model)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         deliver = threadsafe_putter(loop, q)
@@ -73,13 +74,13 @@ class AsyncClient:
     async def transcribe(self, audio: Any, *, language: str | None = None, mime: str | None = None,
                          max_tokens: int | None = None, stream: bool = False, timeout: float | None = None,
                          deadline: float | None = None, priority: int | None = None,
-                         request_id: str | None = None) -> ChatResult | AsyncChatStream:
+                         request_id: str | None = None, model: str | None = None) -> ChatResult | AsyncChatStream:
         """As ``Client.transcribe``; with ``stream=True`` returns an ``AsyncChatStream``."""
         core = await self._c()
         timeout = self._st.timeout if timeout is None else timeout
         payload, attachment = build_transcribe_payload(audio, mime=mime, language=language, request_id=request_id,
                                                        max_tokens=max_tokens, stream=stream, deadline=deadline,
-                                                       priority=priority)
+                                                       priority=priority, model=model)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         deliver = threadsafe_putter(loop, q)
@@ -88,6 +89,14 @@ class AsyncClient:
         p = core.submit(payload, deliver, timeout, op="transcribe", attachment=attachment)
         s = AsyncChatStream(core, p, q, timeout)
         return s if stream else await s.wait()
+
+    async def audio_stream(self, *, language: str | None = None, end_silence_ms: int | None = None,
+                           max_utterance_s: float | None = None, max_tokens: int | None = None,
+                           model: str | None = None, timeout: float = 10.0) -> AsyncAudioStream:
+        """As ``Client.audio_stream``: ``await s.send(...)``, ``async for ev in s.events()``."""
+        return await AsyncAudioStream.open(await self._c(), language=language, end_silence_ms=end_silence_ms,
+                                           max_utterance_s=max_utterance_s, max_tokens=max_tokens, model=model,
+                                           timeout=timeout)
 
     async def cancel(self, request_id: str) -> None:
         (await self._c()).cancel(request_id)
@@ -104,17 +113,33 @@ class AsyncClient:
                     change_threshold: float | None = None, max_tokens: int | None = None,
                     temperature: float | None = None, seed: int | None = None, expires: float | None = None,
                     persistent: bool = False, system: str | None = None, job_id: str | None = None,
-                    timeout: float | None = None, event_timeout: float | None = None) -> AsyncWatchHandle:
-        """As ``Client.watch``; returns an ``AsyncWatchHandle`` (``async for ev in handle``)."""
-        core = await self._c()
+                    model: str | None = None, timeout: float | None = None,
+                    event_timeout: float | None = None) -> AsyncJobHandle:
+        """As ``Client.watch``; returns an ``AsyncJobHandle`` (``async for ev in handle``)."""
         payload = build_watch_payload(camera, prompt, every=every, on_change=on_change,
                                       change_threshold=change_threshold, max_tokens=max_tokens,
                                       temperature=temperature, seed=seed, expires=expires, persistent=persistent,
-                                      system=system, job_id=job_id)
+                                      system=system, job_id=job_id, model=model)
+        return await self._register(WATCH, payload, timeout, event_timeout)
+
+    async def listen(self, microphone: str, *, language: str | None = None, end_silence_ms: int | None = None,
+                     max_utterance_s: float | None = None, max_tokens: int | None = None,
+                     priority: int | None = None, expires: float | None = None, model: str | None = None,
+                     job_id: str | None = None, timeout: float | None = None,
+                     event_timeout: float | None = None) -> AsyncJobHandle:
+        """As ``Client.listen``; returns an ``AsyncJobHandle``."""
+        payload = build_listen_payload(microphone, language=language, end_silence_ms=end_silence_ms,
+                                       max_utterance_s=max_utterance_s, max_tokens=max_tokens, priority=priority,
+                                       expires=expires, job_id=job_id, model=model)
+        return await self._register(LISTEN, payload, timeout, event_timeout)
+
+    async def _register(self, kind: JobKind, payload: dict, timeout: float | None,
+                        event_timeout: float | None) -> AsyncJobHandle:
+        core = await self._c()
         loop = asyncio.get_running_loop()
-        h = AsyncWatchHandle(core, payload, loop, event_timeout)
+        h = AsyncJobHandle(core, kind, payload, loop, event_timeout)
         t = self._st.timeout if timeout is None else min(timeout, self._st.timeout)
-        await loop.run_in_executor(None, register_watch, core, h, payload, t)
+        await loop.run_in_executor(None, register_job, core, h, payload, t)
         return h
 
     async def close(self) -> None:

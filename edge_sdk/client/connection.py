@@ -31,7 +31,7 @@ from edge_sdk.protocol.topics import Topics, check_client_name, check_device_id
 
 log = logging.getLogger("edge_sdk.client")
 
-TERMINAL_EVENTS = ("result", "error", "watch_registered", "snapshot", "stream_closed")
+TERMINAL_EVENTS = ("result", "error", "watch_registered", "listen_registered", "snapshot", "stream_closed")
 
 
 @dataclass(eq=False)

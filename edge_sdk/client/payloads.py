@@ -31,9 +31,10 @@ def build_chat_payload(messages: str | Iterable[Any] | None = None, *, prompt: s
                        request_id: str | None = None, max_tokens: int | None = None,
                        temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                        seed: int | None = None, stop: list[str] | None = None, stream: bool = True,
-                       deadline: float | None = None, priority: int | None = None) -> dict:
+                       deadline: float | None = None, priority: int | None = None, model: str | None = None) -> dict:
     """The JSON of a chat request (only the fields given; the daemon fills the defaults)."""
     payload: dict[str, Any] = {"v": 1, "request_id": request_id or uuid.uuid4().hex}
+    _set_given(payload, model=model)
     if messages is not None:
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
@@ -144,12 +145,12 @@ def prepare_media(payload: dict, *, binary: bool = True) -> tuple[dict, tuple[by
 
 def build_transcribe_payload(audio: Any, *, mime: str | None = None, language: str | None = None,
                              request_id: str | None = None, max_tokens: int | None = None, stream: bool = False,
-                             deadline: float | None = None, priority: int | None = None,
+                             deadline: float | None = None, priority: int | None = None, model: str | None = None,
                              binary: bool = True) -> tuple[dict, tuple[bytes, str] | None]:
     """A transcribe request and its binary payload (the audio), or base64 inline when ``binary`` is off."""
     data, mime = encode_audio_input(audio, mime)
     payload: dict[str, Any] = {"v": 1, "request_id": request_id or uuid.uuid4().hex, "stream": bool(stream)}
-    _set_given(payload, language=language, max_tokens=max_tokens, priority=priority)
+    _set_given(payload, language=language, max_tokens=max_tokens, priority=priority, model=model)
     if deadline is not None:
         payload["deadline_ms"] = max(1, int(deadline * 1000))
     if binary:
@@ -162,12 +163,23 @@ def build_transcribe_payload(audio: Any, *, mime: str | None = None, language: s
 def build_watch_payload(camera: str, prompt: str, *, every: float, on_change: bool = False,
                         change_threshold: float | None = None, max_tokens: int | None = None,
                         temperature: float | None = None, seed: int | None = None, expires: float | None = None,
-                        persistent: bool = False, system: str | None = None, job_id: str | None = None) -> dict:
+                        persistent: bool = False, system: str | None = None, job_id: str | None = None,
+                        model: str | None = None) -> dict:
     payload: dict[str, Any] = {"v": 1, "request_id": job_id or f"w{uuid.uuid4().hex[:16]}", "camera": camera,
                                "prompt": prompt, "every_s": float(every), "on_change": bool(on_change),
                                "persistent": bool(persistent)}
     _set_given(payload, change_threshold=change_threshold, max_tokens=max_tokens, seed=seed, system=system,
-               temperature=_float(temperature), expires_s=_float(expires))
+               temperature=_float(temperature), expires_s=_float(expires), model=model)
+    return payload
+
+
+def build_listen_payload(microphone: str, *, language: str | None = None, end_silence_ms: int | None = None,
+                         max_utterance_s: float | None = None, max_tokens: int | None = None,
+                         priority: int | None = None, expires: float | None = None, job_id: str | None = None,
+                         model: str | None = None) -> dict:
+    payload: dict[str, Any] = {"v": 1, "request_id": job_id or f"l{uuid.uuid4().hex[:16]}", "microphone": microphone}
+    _set_given(payload, language=language, end_silence_ms=end_silence_ms, max_utterance_s=_float(max_utterance_s),
+               max_tokens=max_tokens, priority=priority, expires_s=_float(expires), model=model)
     return payload
 
 

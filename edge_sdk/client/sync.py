@@ -7,7 +7,7 @@
             print(delta.text, end="", flush=True)
 
 A call builds its payload (payloads.py), submits it on the connection (connection.py) and reads
-the events from its queue (streams.py, watch.py).
+the events from its queue (streams.py, jobs.py, audio_stream.py).
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from typing import Any, Iterable
 
 from edge_sdk.client.audio_stream import AudioStream
 from edge_sdk.client.connection import Connection
-from edge_sdk.client.payloads import (build_chat_payload, build_snapshot_payload, build_transcribe_payload,
-                                      build_watch_payload, prepare_media,
-                                      snapshot_bytes)
+from edge_sdk.client.payloads import (build_chat_payload, build_listen_payload, build_snapshot_payload,
+                                      build_transcribe_payload, build_watch_payload, prepare_media, snapshot_bytes)
 from edge_sdk.client.settings import ConnectionSettings
 from edge_sdk.client.streams import ChatResult, ChatStream
-from edge_sdk.client.watch import WatchHandle, register_watch
+from edge_sdk.client.jobs import LISTEN, WATCH, JobHandle, register_job
 from edge_sdk.protocol.models import Capabilities
 
 
@@ -63,8 +62,10 @@ class Client:
              max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
              top_k: int | None = None, seed: int | None = None, stop: list[str] | None = None,
              stream: bool = False, timeout: float | None = None, deadline: float | None = None,
-             priority: int | None = None, request_id: str | None = None) -> ChatResult | ChatStream:
+             priority: int | None = None, request_id: str | None = None,
+             model: str | None = None) -> ChatResult | ChatStream:
         """Run a chat request. ``messages``: a string (one user turn) or [{"role", "content"}].
+        ``model``: which of the device's models (capabilities().models); default: routed by media.
         ``stream=False`` returns the ``ChatResult``; ``stream=True`` a ``ChatStream`` of deltas.
         ``timeout`` (s) bounds the wait here; ``deadline`` (s) makes the device stop generating
         (finish_reason 'deadline'). Raises BusyError, BadRequestError, DeviceOfflineError,
@@ -72,7 +73,7 @@ class Client:
         timeout = self._st.timeout if timeout is None else timeout
         payload = build_chat_payload(messages, prompt=prompt, request_id=request_id, max_tokens=max_tokens,
                                      temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-                                     stream=stream, deadline=deadline, priority=priority)
+                                     stream=stream, deadline=deadline, priority=priority, model=model)
         payload, attachment = prepare_media(payload)
         q: queue.Queue = queue.Queue()
         p = self._core.submit(payload, q.put, timeout, attachment=attachment)
@@ -82,7 +83,7 @@ class Client:
     def transcribe(self, audio: Any, *, language: str | None = None, mime: str | None = None,
                    max_tokens: int | None = None, stream: bool = False, timeout: float | None = None,
                    deadline: float | None = None, priority: int | None = None,
-                   request_id: str | None = None) -> ChatResult | ChatStream:
+                   request_id: str | None = None, model: str | None = None) -> ChatResult | ChatStream:
         """Speech to text on a device with an audio model. ``audio``: a WAV/FLAC/OGG path or its
         bytes, raw PCM16 bytes with ``mime`` (``audio/pcm;rate=16000``), or 16 kHz float32
         samples; sent as the MQTT 5 binary payload. Returns the ``ChatResult`` (its ``text`` is
@@ -91,7 +92,7 @@ class Client:
         timeout = self._st.timeout if timeout is None else timeout
         payload, attachment = build_transcribe_payload(audio, mime=mime, language=language, request_id=request_id,
                                                        max_tokens=max_tokens, stream=stream, deadline=deadline,
-                                                       priority=priority)
+                                                       priority=priority, model=model)
         q: queue.Queue = queue.Queue()
         p = self._core.submit(payload, q.put, timeout, op="transcribe", attachment=attachment)
         s = ChatStream(self._core, p, q, timeout)
@@ -99,10 +100,26 @@ class Client:
 
     def audio_stream(self, *, language: str | None = None, end_silence_ms: int | None = None,
                      max_utterance_s: float | None = None, max_tokens: int | None = None,
-                     timeout: float = 10.0) -> AudioStream:
+                     model: str | None = None, timeout: float = 10.0) -> AudioStream:
         """Open a live audio stream (a device with audio and VAD): ``send`` audio, read ``events()``."""
         return AudioStream(self._core, language=language, end_silence_ms=end_silence_ms,
-                           max_utterance_s=max_utterance_s, max_tokens=max_tokens, timeout=timeout)
+                           max_utterance_s=max_utterance_s, max_tokens=max_tokens, model=model, timeout=timeout)
+
+    def listen(self, microphone: str, *, language: str | None = None, end_silence_ms: int | None = None,
+               max_utterance_s: float | None = None, max_tokens: int | None = None, priority: int | None = None,
+               expires: float | None = None, model: str | None = None, job_id: str | None = None,
+               timeout: float | None = None, event_timeout: float | None = None) -> JobHandle:
+        """Transcribe what the device's microphone ``microphone`` hears, utterance by utterance,
+        until cancelled or ``expires`` seconds passed. Returns a ``JobHandle`` yielding
+        ``ListenVoice`` (voice_started / voice_stopped), ``ListenTranscript`` and ``ListenError``."""
+        payload = build_listen_payload(microphone, language=language, end_silence_ms=end_silence_ms,
+                                       max_utterance_s=max_utterance_s, max_tokens=max_tokens, priority=priority,
+                                       expires=expires, job_id=job_id, model=model)
+        return self._register(JobHandle(self._core, LISTEN, payload, event_timeout), payload, timeout)
+
+    def cancel_listen(self, job_id: str) -> None:
+        """End a listen job of this client name."""
+        self._core.publish_request("listen_cancel", {"v": 1, "job_id": job_id})
 
     def cancel(self, request_id: str) -> None:
         """Ask the device to stop a request (harmless if it is unknown or finished)."""
@@ -118,19 +135,21 @@ class Client:
     def watch(self, camera: str, prompt: str, *, every: float, on_change: bool = False,
               change_threshold: float | None = None, max_tokens: int | None = None, temperature: float | None = None,
               seed: int | None = None, expires: float | None = None, persistent: bool = False,
-              system: str | None = None, job_id: str | None = None, timeout: float | None = None,
-              event_timeout: float | None = None) -> WatchHandle:
+              system: str | None = None, job_id: str | None = None, model: str | None = None,
+              timeout: float | None = None, event_timeout: float | None = None) -> JobHandle:
         """Ask ``prompt`` about camera ``camera`` every ``every`` seconds (``on_change``: only when
         the scene changed, at most that often) until cancelled or ``expires`` seconds passed.
-        ``persistent``: the job survives a daemon restart. Returns a ``WatchHandle`` to iterate
+        ``persistent``: the job survives a daemon restart. Returns a ``JobHandle`` to iterate
         (``event_timeout``: how long iteration waits for each event; None: forever)."""
         payload = build_watch_payload(camera, prompt, every=every, on_change=on_change,
                                       change_threshold=change_threshold, max_tokens=max_tokens,
                                       temperature=temperature, seed=seed, expires=expires, persistent=persistent,
-                                      system=system, job_id=job_id)
-        h = WatchHandle(self._core, payload, event_timeout)
-        register_watch(self._core, h, payload, self._st.timeout if timeout is None else min(timeout, self._st.timeout))
-        return h
+                                      system=system, job_id=job_id, model=model)
+        return self._register(JobHandle(self._core, WATCH, payload, event_timeout), payload, timeout)
+
+    def _register(self, handle: JobHandle, payload: dict, timeout: float | None) -> JobHandle:
+        register_job(self._core, handle, payload, self._st.timeout if timeout is None else min(timeout, self._st.timeout))
+        return handle
 
     def cancel_watch(self, job_id: str) -> None:
         """End a watch job of this client name (e.g. a persistent one from an earlier run)."""

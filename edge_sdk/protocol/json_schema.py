@@ -9,8 +9,10 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from edge_sdk.protocol.models import (Accepted, AudioStreamRequest, CancelRequest, Capabilities, ChatRequest, Delta, Error, Health,
-                                      Result, Snapshot, SnapshotRequest, StreamEvent, TranscribeRequest, WatchCancelRequest,
-                                      WatchEnd, WatchError, WatchEvent, WatchRegistered, WatchRequest)
+                                      ListenCancelRequest, ListenEnd, ListenError, ListenRegistered, ListenRequest,
+                                      ListenTranscript, ListenVoice, Result, Snapshot, SnapshotRequest, StreamEvent,
+                                      TranscribeRequest, WatchCancelRequest, WatchEnd, WatchError, WatchEvent,
+                                      WatchRegistered, WatchRequest)
 from edge_sdk.protocol.topics import SCHEMA_VERSION
 
 SCHEMA_MODELS: dict[str, type[BaseModel]] = {
@@ -21,12 +23,19 @@ SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "cancel_request": CancelRequest,
     "watch_request": WatchRequest,
     "watch_cancel_request": WatchCancelRequest,
+    "listen_request": ListenRequest,
+    "listen_cancel_request": ListenCancelRequest,
     "snapshot_request": SnapshotRequest,
     "watch_registered": WatchRegistered,
     "snapshot": Snapshot,
     "watch_event": WatchEvent,
     "watch_error": WatchError,
     "watch_end": WatchEnd,
+    "listen_registered": ListenRegistered,
+    "listen_voice": ListenVoice,
+    "listen_transcript": ListenTranscript,
+    "listen_error": ListenError,
+    "listen_end": ListenEnd,
     "accepted": Accepted,
     "delta": Delta,
     "result": Result,

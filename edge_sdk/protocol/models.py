@@ -37,15 +37,23 @@ ERROR_STATUS: dict[str, int] = {
     "internal": 500,
     "stopping": 503,
     "camera_unavailable": 503,
+    "microphone_unavailable": 503,
 }
 ErrorCode = Literal["invalid_json", "invalid_request", "invalid_reply_topic", "generation_error",
                     "unknown_op", "payload_too_large", "invalid_image", "invalid_audio", "unsupported_media", "busy",
-                    "internal", "stopping", "camera_unavailable"]
+                    "internal", "stopping", "camera_unavailable", "microphone_unavailable"]
 
 CAMERA_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+#: Microphone names follow the camera names' rule: each is a topic level.
+MICROPHONE_PATTERN = CAMERA_PATTERN
+#: A package name in ``model`` fields (the daemon serves one or several; capabilities.models).
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+ModelName = Annotated[str | None, Field(default=None, pattern=MODEL_NAME_PATTERN,
+                                         description="which of the device's models (capabilities.models[].name); "
+                                                     "default: routed by what the request holds")]
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 #: The operations of ``R/req/C/<op>``.
-OPS = ("chat", "transcribe", "audio_stream", "cancel", "watch", "watch_cancel", "snapshot")
+OPS = ("chat", "transcribe", "audio_stream", "cancel", "watch", "watch_cancel", "listen", "listen_cancel", "snapshot")
 #: Live audio streams take this format only: what firmware microphones deliver, no resampling.
 STREAM_AUDIO_MIME = "audio/pcm;rate=16000"
 #: Audio MIME types a request may carry: a file (WAV/FLAC/OGG) or raw PCM16 with its rate
@@ -85,6 +93,17 @@ class _WatchJobEvent(_Event):
     camera: str
     seq: int
     ts: float
+
+
+class _ListenJobEvent(_Event):
+    # The envelope of every event on a listen job's events topic.
+    v: Literal[1] = 1
+    type: str
+    job_id: str
+    client: str
+    microphone: str
+    seq: int = Field(description="per job, from 0")
+    ts: float = Field(description="Unix time of the event")
 
 
 def _require_one(message: str, *given: bool) -> None:
@@ -172,6 +191,7 @@ class ChatRequest(_Strict):
     reply_to: str | None = Field(
         default=None, max_length=512,
         description="Reply topic for MQTT 3.1.1 clients; must lie in the sender's inbox P/v1/clients/C/.")
+    model: ModelName = None
     messages: list[Message] | None = Field(default=None, min_length=1)
     prompt: str | list[Annotated[int, Field(ge=0)]] | None = None
     max_tokens: int | None = Field(default=None, ge=1, description="Default and cap: see capabilities.limits.")
@@ -200,6 +220,7 @@ class TranscribeRequest(_Strict):
     request_id: RequestId | None = Field(
         default=None, description="Required unless the MQTT 5 Correlation Data carries it.")
     reply_to: str | None = Field(default=None, max_length=512)
+    model: ModelName = None
     audio: AudioSource
     language: str | None = Field(default=None, pattern=r"^[a-z]{2}$", description="ISO-639-1; default: the model tells")
     max_tokens: int | None = Field(default=None, ge=1)
@@ -221,6 +242,7 @@ class AudioStreamRequest(_Strict):
     request_id: RequestId | None = None
     reply_to: str | None = Field(default=None, max_length=512)
     action: Literal["open", "chunk", "close"]
+    model: ModelName = None
     seq: int | None = Field(default=None, ge=0, description="chunks: 0, 1, 2, ...; a repeated seq is ignored")
     language: str | None = Field(default=None, pattern=r"^[a-z]{2}$", description="open: ISO-639-1 of the speech")
     end_silence_ms: int = Field(default=700, ge=100, le=10_000, description="open: silence that ends an utterance")
@@ -266,6 +288,7 @@ class WatchRequest(_Strict):
                                    description="the job id (a topic level); required unless in the Correlation Data")
     reply_to: str | None = Field(default=None, max_length=512)
     camera: str = Field(pattern=CAMERA_PATTERN)
+    model: ModelName = None
     prompt: str = Field(min_length=1, max_length=8192)
     system: str | None = Field(default=None, max_length=8192, description="optional system message")
     every_s: float = Field(ge=0.01, le=86_400.0, description="period; at least capabilities.limits.watch_min_every_s")
@@ -282,6 +305,36 @@ class WatchRequest(_Strict):
 
 class WatchCancelRequest(_Strict):
     """Payload on ``R/req/C/watch_cancel`` (the plain ``cancel`` with the job id works too)."""
+
+    v: Literal[1] = 1
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    request_id: str | None = Field(default=None, pattern=ID_PATTERN)
+    reply_to: str | None = Field(default=None, max_length=512)
+
+
+class ListenRequest(_Strict):
+    """Payload on ``R/req/C/listen``: transcribe what the device's microphone ``microphone`` hears,
+    one transcript per utterance (voice activity detection finds them), until cancelled or
+    expired. Events go to ``R/events/{microphone}/listen/{C}/{job_id}``. The job id is
+    ``request_id`` (or the Correlation Data); registering the same id again is idempotent."""
+
+    v: Literal[1] = 1
+    request_id: str | None = Field(default=None, pattern=JOB_ID_PATTERN,
+                                   description="the job id (a topic level); required unless in the Correlation Data")
+    reply_to: str | None = Field(default=None, max_length=512)
+    microphone: str = Field(pattern=MICROPHONE_PATTERN)
+    model: ModelName = None
+    language: str | None = Field(default=None, pattern=r"^[a-z]{2}$", description="ISO-639-1 of the speech")
+    end_silence_ms: int = Field(default=700, ge=100, le=10_000, description="silence that ends an utterance")
+    max_utterance_s: float = Field(default=15.0, ge=1.0, le=120.0, description="longest utterance")
+    max_tokens: int | None = Field(default=None, ge=1, description="per utterance's transcript")
+    priority: int = Field(default=5, ge=0, le=9, description="of each transcription in the device's queue")
+    expires_s: float | None = Field(default=None, gt=0.0, le=10 * 365 * 86_400.0,
+                                    description="the job ends this many seconds after registration")
+
+
+class ListenCancelRequest(_Strict):
+    """Payload on ``R/req/C/listen_cancel`` (the plain ``cancel`` with the job id works too)."""
 
     v: Literal[1] = 1
     job_id: str = Field(pattern=JOB_ID_PATTERN)
@@ -368,6 +421,18 @@ class WatchRegistered(_ReplyEvent):
     expires_at: float | None = Field(description="Unix time the job ends, or null")
 
 
+class ListenRegistered(_ReplyEvent):
+    """The one reply to a ``listen`` request (terminal)."""
+
+    type: Literal["listen_registered"] = "listen_registered"
+    seq: int = 0
+    job_id: str
+    microphone: str
+    model: str
+    events_topic: str
+    expires_at: float | None = Field(description="Unix time the job ends, or null")
+
+
 class Snapshot(_ReplyEvent):
     """A snapshot as JSON (``encoding: base64``). With ``binary`` the payload is the JPEG and these
     fields (except data) are MQTT 5 user properties, as strings."""
@@ -418,6 +483,48 @@ class WatchEnd(_WatchJobEvent):
     reason: Literal["cancelled", "expired"]
 
 
+# --- events on R/events/{microphone}/listen/{C}/{job_id} ----------------------------------------------
+
+
+class ListenVoice(_ListenJobEvent):
+    """Voice activity on the microphone: ``voice_started`` and then ``voice_stopped`` of utterance
+    ``utterance``; ``t_s`` is seconds of audio since the daemon opened the microphone."""
+
+    type: Literal["voice_started", "voice_stopped"]
+    utterance: int = Field(description="per job, from 0")
+    t_s: float
+
+
+class ListenTranscript(_ListenJobEvent):
+    """The transcript of one utterance (after its voice_stopped)."""
+
+    type: Literal["transcript"] = "transcript"
+    utterance: int
+    start_s: float = Field(description="where the utterance's audio starts, seconds since the microphone opened")
+    end_s: float
+    text: str
+    tokens: list[int]
+    finish_reason: FinishReason
+    usage: Usage
+
+
+class ListenError(_ListenJobEvent):
+    """Something the job could not do (microphone lost, a transcription failed); the job goes on."""
+
+    type: Literal["listen_error"] = "listen_error"
+    utterance: int | None = None
+    status: int
+    code: ErrorCode
+    message: str
+
+
+class ListenEnd(_ListenJobEvent):
+    """The last event of a listen job."""
+
+    type: Literal["listen_end"] = "listen_end"
+    reason: Literal["cancelled", "expired", "stopping"]
+
+
 # --- retained device topics -------------------------------------------------------------------------
 
 
@@ -441,6 +548,7 @@ class Limits(_Event):
     audio_stream_idle_s: float | None = None
     watch_min_every_s: float | None = None
     max_watch_jobs: int | None = None
+    max_listen_jobs: int | None = None
 
 
 class Capabilities(_Event):
@@ -448,9 +556,13 @@ class Capabilities(_Event):
     schema_version: str = SCHEMA_VERSION
     device_id: str
     daemon_version: str
-    model: ModelInfo
+    model: ModelInfo = Field(description="the default model (the first of ``models``)")
+    models: list[ModelInfo] = Field(default_factory=list, description="every model this device serves; a request "
+                                                                      "names one in ``model``, or is routed by what "
+                                                                      "it holds")
     ops: list[str] = ["chat", "cancel"]
     cameras: list[str] = Field(default_factory=list, description="camera names usable in image parts, watch, snapshot")
+    microphones: list[str] = Field(default_factory=list, description="microphone names usable in listen jobs")
     limits: Limits
     topics: dict[str, str] = Field(description="Topic templates; {client} is the requester's client name")
     started_at: float = Field(description="Unix time the daemon started")
@@ -476,6 +588,9 @@ class Health(_Event):
     watch_skipped: int | None = Field(default=None, description="ticks skipped: queue full, previous run busy, no frame")
     cameras: dict[str, dict[str, Any]] | None = Field(
         default=None, description="per camera: connected, frames, reconnects, last_error")
+    listen_jobs: int | None = None
+    microphones: dict[str, dict[str, Any]] | None = Field(
+        default=None, description="per microphone: connected, seconds heard, dropped chunks, reconnects, last_error")
 
 
 #: What the retained ``R/status`` topic may say; anything else is not believed (the SDK logs it).

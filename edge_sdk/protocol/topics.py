@@ -14,7 +14,7 @@ from dataclasses import dataclass
 #: Protocol major version: it is part of every topic (``P/v1/...``). Bumped only on a breaking change.
 PROTOCOL_MAJOR = 1
 #: Schema version of the JSON payloads (major.minor); minor bumps only add optional fields.
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 DEFAULT_PREFIX = "edge"
 
 #: Device ids and client names are single topic levels: no wildcards, no slashes, no '$'.
@@ -88,6 +88,7 @@ class Topics:
     ``R/req/C/chat``, ``R/req/C/cancel``      requests from client name C
     ``P/v1/clients/C/res/N[/...]``            C's inbox: replies from device N
     ``R/events/{cam}/watch/C/{job}``          watch job results (JSON events)
+    ``R/events/{mic}/listen/C/{job}``         listen job events: voice, transcripts (JSON)
     ``R/camera/{cam}/snapshot``               retained JPEG snapshot
     ========================================  =====================================================
     """
@@ -134,6 +135,10 @@ class Topics:
     def watch_events_filter(self) -> str:
         """Every watch event of this device."""
         return f"{self.root}/events/+/watch/#"
+
+    def listen_events(self, microphone: str, client: str, job_id: str) -> str:
+        """Where listen job ``job_id`` of client name C publishes: ``R/events/{mic}/listen/C/{job_id}``."""
+        return f"{self.root}/events/{microphone}/listen/{client}/{job_id}"
 
     def snapshot(self, camera: str) -> str:
         """Retained small JPEG of camera ``camera``: ``R/camera/{camera}/snapshot``."""

@@ -14,10 +14,12 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ValidationError
 
-from edge_sdk.protocol.models import (JOB_ID_PATTERN, AudioStreamRequest, CancelRequest, ChatRequest, SnapshotRequest, TranscribeRequest,
-                                      WatchCancelRequest, WatchRequest)
+from edge_sdk.protocol.models import (JOB_ID_PATTERN, AudioStreamRequest, CancelRequest, ChatRequest, ListenCancelRequest,
+                                      ListenRequest, SnapshotRequest, TranscribeRequest, WatchCancelRequest,
+                                      WatchRequest)
 from edge_sdk.serve.cameras import CameraHub, check_image_bytes
 from edge_sdk.serve.config import ServeSettings
+from edge_sdk.serve.models import ModelSet
 from edge_sdk.serve.scheduler import Job
 from edge_sdk.serve.transport import Envelope, Refusal
 
@@ -30,15 +32,21 @@ REQUEST_MODELS: dict[str, type[BaseModel]] = {
     "cancel": CancelRequest,
     "watch": WatchRequest,
     "watch_cancel": WatchCancelRequest,
+    "listen": ListenRequest,
+    "listen_cancel": ListenCancelRequest,
     "snapshot": SnapshotRequest,
 }
 
 
 class Admission:
-    def __init__(self, settings: ServeSettings, model_info: dict, hub: CameraHub):
+    """Judges requests against ``settings``, the ``models`` (and routes each to one of them: the
+    request's ``model`` is set to its name), the cameras in ``hub`` and the ``microphones``."""
+
+    def __init__(self, settings: ServeSettings, models: ModelSet, hub: CameraHub, microphones: Any = ()):
         self.s = settings
-        self.info = model_info
+        self.models = models
         self.hub = hub
+        self.microphones = microphones
 
     def check(self, env: Envelope) -> Any:
         """The request model of ``env.op``, checked against this device; raises Refusal. Sets
@@ -57,7 +65,7 @@ class Admission:
         now = time.monotonic()
         deadline_ms = req.deadline_ms or self.s.max_deadline_ms
         return Job(env.client, env.reply.request_id, req, send, now, now + deadline_ms / 1000 if deadline_ms else None,
-                   req.priority, reply=env.reply, attachment=env.attachment)
+                   req.priority, reply=env.reply, attachment=env.attachment, model=req.model)
 
     # --- per op -------------------------------------------------------------------------------
 
@@ -70,10 +78,8 @@ class Admission:
         parts = [p for m in (req.messages or []) if not isinstance(m.content, str) for p in m.content]
         images = [p for p in parts if p.type == "image"]
         audio = [p for p in parts if p.type == "audio"]
-        if images:
-            self._check_takes("image", "images")
-        if audio:
-            self._check_takes("audio", "audio")
+        needs = {"text"} | ({"image"} if images else set()) | ({"audio"} if audio else set())
+        self._route(req, needs, " and ".join(w for w, p in (("images", images), ("audio", audio)) if p) or "text")
         self._check_payload_use(images + audio, env.attachment)
         self._check_images(images, env.attachment if any(p.payload for p in images) else None)
         self._check_audio(audio, env.attachment if any(p.payload for p in audio) else None)
@@ -81,32 +87,32 @@ class Admission:
     def _check_transcribe(self, env: Envelope, req: TranscribeRequest) -> None:
         self._take_request_id(env, req)
         self._check_max_tokens(req.max_tokens)
-        self._check_takes("audio", "audio")
+        self._route(req, {"audio"}, "audio")
         self._check_payload_use([req.audio], env.attachment)
         self._check_audio([req.audio], env.attachment)
 
     def _check_audio_stream(self, env: Envelope, req: AudioStreamRequest) -> None:
         self._take_request_id(env, req)
         if req.action == "open":
-            self._check_takes("audio", "audio")
+            self._route(req, {"audio"}, "audio")
             self._check_max_tokens(req.max_tokens)
-            from edge_sdk.media.vad import VadUnavailable, silero_model_path
-
-            try:
-                silero_model_path(self.s.vad_model)
-            except VadUnavailable as e:
-                raise Refusal("unsupported_media", f"audio streams need voice activity detection: {e}") from None
+            self._check_vad("audio streams")
         self._check_audio([], env.attachment)
 
+    def _check_listen(self, env: Envelope, req: ListenRequest) -> None:
+        self._take_job_id(env, req)
+        if req.microphone not in self.microphones:
+            raise Refusal("unsupported_media", f"no microphone {req.microphone!r} on this device (microphones: "
+                                               f"{', '.join(self.microphones.names) or 'none'})")
+        self._route(req, {"audio"}, "audio")
+        self._check_max_tokens(req.max_tokens)
+        self._check_vad("listen jobs")
+
     def _check_watch(self, env: Envelope, req: WatchRequest) -> None:
-        job_id = req.request_id or env.reply.request_id
-        if job_id is None or not _JOB_ID_RE.match(job_id):
-            raise Refusal("invalid_request", f"watch job id {job_id!r} (request_id or Correlation Data) "
-                                             f"must match {JOB_ID_PATTERN}: it is a topic level")
-        env.reply.request_id = job_id
+        self._take_job_id(env, req)
         s = self.s
         self._check_camera(req.camera)
-        self._check_takes("image", "images")
+        self._route(req, {"image"}, "images")
         if req.every_s < s.watch_min_every_s:
             raise Refusal("invalid_request", f"every_s {req.every_s} is below this device's minimum "
                                              f"watch_min_every_s ({s.watch_min_every_s})")
@@ -131,10 +137,26 @@ class Admission:
             raise Refusal("invalid_request", "request_id missing: put it in the payload or in the MQTT 5 Correlation Data")
         env.reply.request_id = rid
 
-    def _check_takes(self, modality: str, what: str) -> None:
-        if modality not in self.info["modalities"]:
-            raise Refusal("unsupported_media",
-                          f"model {self.info['name']} takes no {what} (modalities: {self.info['modalities']})")
+    @staticmethod
+    def _take_job_id(env: Envelope, req: WatchRequest | ListenRequest) -> None:
+        """A job's id is a topic level of its events topic."""
+        job_id = req.request_id or env.reply.request_id
+        if job_id is None or not _JOB_ID_RE.match(job_id):
+            raise Refusal("invalid_request", f"job id {job_id!r} (request_id or Correlation Data) "
+                                             f"must match {JOB_ID_PATTERN}: it is a topic level")
+        env.reply.request_id = job_id
+
+    def _route(self, req: Any, needs: set[str], what: str) -> None:
+        """Pick the model the request runs on: it is written into ``req.model``."""
+        req.model = self.models.route(req.model, needs, what)
+
+    def _check_vad(self, what: str) -> None:
+        from edge_sdk.media.vad import VadUnavailable, silero_model_path
+
+        try:
+            silero_model_path(self.s.vad_model)
+        except VadUnavailable as e:
+            raise Refusal("unsupported_media", f"{what} need voice activity detection: {e}") from None
 
     def _check_camera(self, camera: str) -> None:
         if camera not in self.hub:

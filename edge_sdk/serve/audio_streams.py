@@ -28,6 +28,19 @@ from edge_sdk.serve.transport import Envelope, Refusal, Reply
 log = logging.getLogger("edge_sdk.serve")
 
 
+def utterance_job(client: str, request_id: str, samples: np.ndarray, language: str | None, max_tokens: int | None,
+                  model: str | None, send: Callable[[BaseModel], None], *, reply: Reply | None = None,
+                  priority: int = 5) -> Job:
+    """The transcription job of one utterance (16 kHz float32), as a ``transcribe`` request with the
+    audio as its binary payload: streamed to a client's reply topic when ``reply`` is given,
+    else one terminal event (a listen job's run)."""
+    req = TranscribeRequest(request_id=request_id, model=model, audio=AudioSource(payload=True, mime=STREAM_AUDIO_MIME),
+                            language=language, max_tokens=max_tokens, stream=reply is not None, priority=priority)
+    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+    return Job(client, request_id, req, send, time.monotonic(), None, priority, reply=reply, attachment=pcm,
+               model=model)
+
+
 @dataclass
 class _Stream:
     client: str
@@ -151,13 +164,9 @@ class AudioStreams:
 
     def _transcribe(self, st: _Stream, n: int, samples: np.ndarray) -> None:
         rid = f"{st.stream_id}-u{n}"
-        req = TranscribeRequest(request_id=rid, audio=AudioSource(payload=True, mime=STREAM_AUDIO_MIME),
-                                language=st.req.language, max_tokens=st.req.max_tokens, stream=True)
         reply = Reply(topic=st.reply.topic, correlation=rid.encode(), request_id=rid)
-        pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
-        now = time.monotonic()
-        self.submit(Job(st.client, rid, req, lambda ev: self.publish(reply, ev), now, None, req.priority,
-                        reply=reply, attachment=pcm))
+        self.submit(utterance_job(st.client, rid, samples, st.req.language, st.req.max_tokens, st.req.model,
+                                  lambda ev: self.publish(reply, ev), reply=reply))
 
     def _close(self, key, reason: str) -> None:
         st = self._streams.pop(key, None)

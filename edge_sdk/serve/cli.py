@@ -41,7 +41,11 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("engine", help="engine package directory (edge_sdk.load)")
+    parser.add_argument("engine", nargs="+", metavar="[NAME=]PACKAGE",
+                        help="engine package directories (edge_sdk.load); several serve side by side, e.g. a "
+                             "Ministral 3 package for text and images and a Voxtral package for speech. The first "
+                             "is the default; a request names one (NAME, default: the manifest's model name) or "
+                             "goes to the first that takes its media")
     parser.add_argument("--config", dest="config_file", default=None, help="TOML or JSON settings file")
     add_settings_arguments(parser)
 
@@ -74,20 +78,39 @@ def load_engine(engine: str | Path) -> Any:
     return load(engine)
 
 
+def load_engines(specs: list[str]) -> list[tuple[str | None, Any]]:
+    """``[NAME=]PACKAGE`` specs -> (name, model) pairs, after checking that the packages fit in
+    memory together (raises ValueError, one line, before anything is loaded)."""
+    from edge_sdk.serve.models import check_memory, parse_packages
+
+    pairs = parse_packages(specs)
+    packages = [path for _, path in pairs if Path(path).is_dir()]
+    if packages:
+        check_memory(packages)
+    out = []
+    for name, path in pairs:
+        log.info("loading engine package %s%s", path, f" as {name}" if name else "")
+        out.append((name, load_engine(path)))
+    return out
+
+
 def serve(engine: Any, settings: ServeSettings | None = None, *, config_file: str | Path | None = None,
           **overrides: Any) -> int:
-    """Load ``engine`` (a path, or an already loaded model object) once and serve it until
-    SIGTERM/SIGINT. Returns the process exit code."""
+    """Load ``engine`` (a package path, a list of ``[NAME=]PACKAGE`` specs, or already loaded
+    models as ``Daemon`` takes them) once and serve until SIGTERM/SIGINT. Returns the exit code."""
     from edge_sdk.serve.daemon import Daemon
 
     settings = settings or ServeSettings.load(config_file, **overrides)
     _setup_logging(settings.log_level)
     if isinstance(engine, (str, Path)):
-        log.info("loading engine package %s", engine)
-        model = load_engine(engine)
-    else:
-        model = engine
-    return 0 if Daemon(model, settings).serve_forever() else 1
+        engine = [str(engine)]
+    if isinstance(engine, list) and all(isinstance(e, str) for e in engine):
+        try:
+            engine = load_engines(engine)
+        except ValueError as e:
+            print(f"edge-sdk serve: {e}", file=sys.stderr)
+            return 2
+    return 0 if Daemon(engine, settings).serve_forever() else 1
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 
 from edge_sdk.protocol.topics import DEFAULT_PREFIX, check_device_id, check_prefix, sanitize_device_id
 
-_CAMERA_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_SOURCE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("edge_sdk_config_file", default=None)
 
@@ -115,6 +115,16 @@ class ServeSettings(BaseSettings):
     snapshot_interval_s: float = Field(default=0.0, ge=0,
                                        description="also publish retained snapshots every N s (0: only on request)")
 
+    # microphones and listen jobs (edge_sdk/serve/listen.py)
+    microphones: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="named microphone sources: JSON object or 'name=source,name2=source' (source: alsa:DEVICE, "
+                    "gst:PIPELINE, or an audio file played in real time)")
+    microphone_loop: bool = Field(default=False, description="replay audio-file microphone sources at their end")
+    microphone_timeout_s: float = Field(default=2.0, gt=0,
+                                        description="a microphone silent (no samples at all) this long is unavailable")
+    max_listen_jobs: int = Field(default=8, ge=0, description="listen jobs at once, all clients together")
+
     # watch jobs (edge_sdk/serve/watch.py)
     watch_min_every_s: float = Field(default=1.0, gt=0, description="smallest every_s a watch job may ask for")
     max_watch_jobs: int = Field(default=16, ge=0, description="watch jobs at once, all clients together")
@@ -128,9 +138,9 @@ class ServeSettings(BaseSettings):
     def _dev(cls, v: str) -> str:
         return check_device_id(v)
 
-    @field_validator("cameras", mode="before")
+    @field_validator("cameras", "microphones", mode="before")
     @classmethod
-    def _cameras(cls, v: Any) -> Any:
+    def _sources(cls, v: Any) -> Any:
         if isinstance(v, str):  # CLI flag / env var: JSON, or name=source pairs
             text = v.strip()
             if not text:
@@ -141,19 +151,19 @@ class ServeSettings(BaseSettings):
             for item in text.split(","):
                 name, sep, source = item.partition("=")
                 if not sep or not name.strip() or not source.strip():
-                    raise ValueError(f"camera {item!r}: expected name=source")
+                    raise ValueError(f"{item!r}: expected name=source")
                 out[name.strip()] = source.strip()
             return out
         if isinstance(v, dict):
             return {k: str(x) if isinstance(x, int) and not isinstance(x, bool) else x for k, x in v.items()}
         return v
 
-    @field_validator("cameras")
+    @field_validator("cameras", "microphones")
     @classmethod
-    def _camera_names(cls, v: dict[str, str]) -> dict[str, str]:
+    def _source_names(cls, v: dict[str, str]) -> dict[str, str]:
         for name in v:
-            if not _CAMERA_NAME_RE.match(name):
-                raise ValueError(f"camera name {name!r} must match [A-Za-z0-9_-]{{1,64}} (it is a topic level)")
+            if not _SOURCE_NAME_RE.match(name):
+                raise ValueError(f"name {name!r} must match [A-Za-z0-9_-]{{1,64}} (it is a topic level)")
         return v
 
     @field_validator("topic_prefix")

@@ -8,9 +8,11 @@ A request walks these stages, each its own module:
 4. worker.Worker.loop      (the worker thread)      runs the model, coalesces deltas
 5. events.Publisher                                 every reply built from edge_sdk.protocol's models
 
-``Daemon`` wires them together with the watch jobs (watch.py), snapshots (snapshots.py), cameras
-(cameras.py) and the housekeeper (housekeeper.py: expiry, health, systemd watchdog), and owns the
-broker connection's lifecycle. It needs only the standard library, paho and pydantic; it never
+``Daemon`` wires them together with the models it serves (models.py: one or several, and the
+routing between them), the watch jobs (watch.py), live audio streams (audio_streams.py), listen
+jobs on its microphones (listen.py), snapshots (snapshots.py), cameras (cameras.py) and the
+housekeeper (housekeeper.py: expiry, health, systemd watchdog), and owns the broker
+connection's lifecycle. It needs only the standard library, paho and pydantic; it never
 imports torch.
 """
 
@@ -31,7 +33,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 import edge_sdk
 from edge_sdk.mqtt_common import make_client
 from edge_sdk.media.vad import SileroVad
-from edge_sdk.protocol.models import (OPS, Accepted, AudioStreamRequest, CancelRequest, Capabilities, ChatRequest, Health, SnapshotRequest,
+from edge_sdk.protocol.models import (OPS, Accepted, AudioStreamRequest, CancelRequest, Capabilities, ChatRequest, Health,
+                                      ListenCancelRequest, ListenRegistered, ListenRequest, SnapshotRequest,
                                       WatchCancelRequest, WatchRegistered, WatchRequest)
 from edge_sdk.protocol.topics import SCHEMA_VERSION, Topics
 from edge_sdk.serve.admission import Admission
@@ -40,6 +43,8 @@ from edge_sdk.serve.cameras import CameraHub
 from edge_sdk.serve.config import ServeSettings
 from edge_sdk.serve.events import Publisher, to_wire
 from edge_sdk.serve.housekeeper import Housekeeper, rss_bytes
+from edge_sdk.serve.listen import ListenManager
+from edge_sdk.serve.models import ModelSet
 from edge_sdk.serve.scheduler import Job, Scheduler
 from edge_sdk.serve.sdnotify import Notifier
 from edge_sdk.serve.snapshots import Snapshots
@@ -55,28 +60,15 @@ log = logging.getLogger("edge_sdk.serve")
 FLAP_S = 5.0
 
 
-def model_info(model: Any) -> dict:
-    """name / context_length / modalities from ``model.capabilities()`` where it exists."""
-    caps = getattr(model, "capabilities", None)
-    info: dict = {}
-    try:
-        info = dict(caps() if callable(caps) else (caps or {}))
-    except Exception:  # a broken capabilities() must not stop the daemon
-        log.exception("model.capabilities() failed")
-    name = info.get("model") or info.get("name") or getattr(model, "name", None) or type(model).__name__
-    mods = info.get("modalities") or ["text"]
-    return {"name": str(name), "context_length": info.get("context_length"), "modalities": list(mods)}
-
-
 class Daemon:
-    """Serve ``model`` on the broker named in ``settings``. ``start()``/``stop()`` for embedding
-    (tests, bench); ``serve_forever()`` for the CLI (signals, systemd notify)."""
+    """Serve ``models`` (one model, or several as ModelSet takes them) on the broker named in
+    ``settings``. ``start()``/``stop()`` for embedding (tests, bench); ``serve_forever()`` for the
+    CLI (signals, systemd notify)."""
 
-    def __init__(self, model: Any, settings: ServeSettings | None = None):
-        self.model = model
+    def __init__(self, models: Any, settings: ServeSettings | None = None):
+        self.models = models if isinstance(models, ModelSet) else ModelSet(models)
         self.s = s = settings or ServeSettings()
         self.topics = Topics(s.topic_prefix, s.device_id)
-        self.info = model_info(model)
         self.started_at = time.time()
         self._t0 = time.monotonic()
         self._stopped = threading.Event()
@@ -103,11 +95,13 @@ class Daemon:
         self.publisher = Publisher(self.client, self.stats)
         self.hub = CameraHub(s.cameras, loop=s.camera_loop, reconnect_max_s=s.camera_reconnect_max_s,
                              stale_s=s.camera_timeout_s)
-        self.admission = Admission(s, self.info, self.hub)
         self.scheduler = Scheduler(s.queue_length, s.max_pending_per_client, s.recent_requests, self.stats)
-        self.worker = Worker(model, self.scheduler, s, self.hub, self.stats, self._stopped)
+        self.worker = Worker(self.models, self.scheduler, s, self.hub, self.stats, self._stopped)
         self.watch = WatchManager(s, self.topics, self.hub, self.scheduler.enqueue, self.publisher.send)
         self.streams = AudioStreams(s, self.publisher.event, self._submit_job, lambda: SileroVad(s.vad_model))
+        self.listen = ListenManager(s, self.topics, self.scheduler.enqueue, self.publisher.send,
+                                    lambda: SileroVad(s.vad_model))
+        self.admission = Admission(s, self.models, self.hub, self.listen)
         self.snapshots = Snapshots(self.hub, s, self.topics, self.publisher)
         self.housekeeper = Housekeeper(
             self._stopped, self.notifier, expire=self.scheduler.expire, publish_health=self._publish_health,
@@ -118,7 +112,8 @@ class Daemon:
 
     def start(self) -> "Daemon":
         s = self.s
-        log.info("serving model %s as device %r on %s:%s (prefix %r)", self.info["name"], s.device_id,
+        log.info("serving %s as device %r on %s:%s (prefix %r)",
+                 ", ".join(f"{m.name} ({', '.join(m.info['modalities'])})" for m in self.models.served), s.device_id,
                  s.host, s.port, s.topic_prefix)
         self.hub.start()
         for name, target in (("edge-sdk-worker", self.worker.loop), ("edge-sdk-housekeeper", self.housekeeper.loop)):
@@ -126,8 +121,8 @@ class Daemon:
             t.start()
             self._threads.append(t)
         self.watch.start()
-        if self.watch.thread is not None:
-            self._threads.append(self.watch.thread)
+        self.listen.start()
+        self._threads += [t for t in (self.watch.thread, self.listen.thread) if t is not None]
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 0
         self.client.connect_async(s.host, s.port, keepalive=s.keepalive, clean_start=True, properties=props)
@@ -146,6 +141,7 @@ class Daemon:
         log.info("stopping (grace %.1f s)", grace_s)
         self.notifier.notify("STOPPING=1")
         self.watch.stop()
+        self.listen.stop()
         self.streams.stop()
         self.publisher.send(self.topics.status, b"stopping", retain=True)
         self.scheduler.stop()
@@ -287,8 +283,9 @@ class Daemon:
     def _op_cancel(self, env: Envelope, req: CancelRequest) -> None:
         if req.all:
             self.watch.cancel_client(env.client, req.reply_to)
+            self.listen.cancel_client(env.client, req.reply_to)
             self.streams.close_client(env.client)
-        elif self.watch.cancel(env.client, req.request_id):
+        elif self.watch.cancel(env.client, req.request_id) or self.listen.cancel(env.client, req.request_id):
             return
         jobs = self.scheduler.cancel(env.client, None if req.all else req.request_id, req.reply_to)
         if not jobs:
@@ -316,6 +313,25 @@ class Daemon:
         if not self.watch.cancel(env.client, req.job_id):
             log.debug("watch_cancel from %s for %s: no such job", env.client, req.job_id)
 
+    def _op_listen(self, env: Envelope, req: ListenRequest) -> None:
+        if self.scheduler.stopping:
+            raise shutting_down()
+        job_id = env.reply.request_id
+        try:
+            spec, _ = self.listen.register(env.client, job_id, req, env.reply.topic)
+        except Refusal as refusal:
+            if refusal.code == "busy":
+                self.stats["rejected_busy"] += 1
+            raise
+        self.publisher.event(env.reply, ListenRegistered(
+            request_id=job_id, job_id=job_id, microphone=spec.microphone, model=spec.model,
+            events_topic=self.topics.listen_events(spec.microphone, env.client, job_id),
+            expires_at=round(spec.expires_at, 3) if spec.expires_at else None))
+
+    def _op_listen_cancel(self, env: Envelope, req: ListenCancelRequest) -> None:
+        if not self.listen.cancel(env.client, req.job_id):
+            log.debug("listen_cancel from %s for %s: no such job", env.client, req.job_id)
+
     def _op_snapshot(self, env: Envelope, req: SnapshotRequest) -> None:
         self.snapshots.request(req, env.reply)
 
@@ -340,22 +356,25 @@ class Daemon:
             tokens_per_s=round(self.worker.last_tokens_per_s, 3), memory_rss_bytes=rss_bytes(),
             uptime_s=round(time.monotonic() - self._t0, 3), watch_jobs=len(self.watch),
             watch_runs=self.watch.stats["runs"], watch_skipped=self.watch.stats["skipped"],
-            **({"cameras": self.hub.status()} if self.hub.names else {})))
+            **({"cameras": self.hub.status()} if self.hub.names else {}),
+            **({"listen_jobs": len(self.listen), "microphones": self.listen.status()} if self.listen.names else {})))
 
     def capabilities(self) -> Capabilities:
         s, t = self.s, self.topics
         return Capabilities(
             schema_version=SCHEMA_VERSION, device_id=s.device_id, daemon_version=edge_sdk.__version__,
-            model=self.info, ops=list(OPS), cameras=self.hub.names,
+            model=self.models.default.info, models=self.models.infos(), ops=list(OPS), cameras=self.hub.names,
+            microphones=self.listen.names,
             limits={"max_tokens": s.max_tokens, "default_max_tokens": min(s.default_max_tokens, s.max_tokens),
                     "queue_length": s.queue_length, "max_pending_per_client": s.max_pending_per_client,
                     "max_payload_bytes": s.max_payload_bytes, "max_messages": s.max_messages,
                     "max_image_bytes": s.max_image_bytes, "max_audio_bytes": s.max_audio_bytes,
                     "max_audio_s": s.max_audio_s, "max_audio_streams": s.max_audio_streams,
                     "audio_stream_idle_s": s.audio_stream_idle_s, "watch_min_every_s": s.watch_min_every_s,
-                    "max_watch_jobs": s.max_watch_jobs},
+                    "max_watch_jobs": s.max_watch_jobs, "max_listen_jobs": s.max_listen_jobs},
             topics={"request": t.request("{client}", "{op}"), "inbox": t.inbox("{client}"),
                     "status": t.status, "capabilities": t.capabilities, "health": t.health,
                     "watch_events": t.watch_events("{camera}", "{client}", "{job_id}"),
+                    "listen_events": t.listen_events("{microphone}", "{client}", "{job_id}"),
                     "snapshot": t.snapshot("{camera}")},
             started_at=round(self.started_at, 3))

@@ -43,6 +43,7 @@ class Job:
     reply: Reply | None = None
     attachment: bytes | None = None  # the MQTT 5 binary image payload (image parts with payload: true)
     prompt: Any = None  # a ready prompt (watch runs) instead of req.messages
+    model: str | None = None  # which of the daemon's models runs it (admission routed it); None: the only one
     cancel: threading.Event = field(default_factory=threading.Event)
     seq: int = 0
     state: str = "queued"  # queued | running | done

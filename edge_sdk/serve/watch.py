@@ -54,6 +54,7 @@ class WatchSpec:
     camera: str
     prompt: str
     every_s: float
+    model: str | None = None  # as admission routed it
     on_change: bool = False
     change_threshold: float = 0.08
     system: str | None = None
@@ -133,7 +134,7 @@ class WatchManager:
         s = self.s
         now = time.time()
         spec = WatchSpec(client=client, job_id=job_id, camera=req.camera, prompt=req.prompt, every_s=req.every_s,
-                         on_change=req.on_change, change_threshold=req.change_threshold or s.watch_change_threshold,
+                         model=req.model, on_change=req.on_change, change_threshold=req.change_threshold or s.watch_change_threshold,
                          system=req.system, max_tokens=req.max_tokens, temperature=req.temperature, seed=req.seed,
                          expires_at=now + req.expires_s if req.expires_s else None, persistent=req.persistent,
                          reply_topic=reply_topic, created_at=now)
@@ -272,7 +273,7 @@ class WatchManager:
                                           temperature=sp.temperature, seed=sp.seed, priority=0)
         run = Job(sp.client, f"watch-{sp.client}-{sp.job_id}-{job.seq}", req,
                   send=lambda ev: self._finished(job, frame, trigger, change, ev), received=time.monotonic(),
-                  deadline=None, priority=WATCH_PRIORITY, prompt=self._prompt(sp, frame.rgb()))
+                  deadline=None, priority=WATCH_PRIORITY, prompt=self._prompt(sp, frame.rgb()), model=sp.model)
         job.running = run
         if self.enqueue(run):
             return True

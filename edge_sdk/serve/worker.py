@@ -20,6 +20,7 @@ from edge_sdk.runtime.types import GenerationError
 from edge_sdk.serve.cameras import CameraHub, decode_rgb
 from edge_sdk.serve.config import ServeSettings
 from edge_sdk.serve.events import empty_result, error_event, ms
+from edge_sdk.serve.models import ModelSet
 from edge_sdk.serve.scheduler import Job, Scheduler
 from edge_sdk.serve.transport import Refusal
 
@@ -27,9 +28,9 @@ log = logging.getLogger("edge_sdk.serve")
 
 
 class Worker:
-    def __init__(self, model: Any, scheduler: Scheduler, settings: ServeSettings, hub: CameraHub,
+    def __init__(self, models: ModelSet, scheduler: Scheduler, settings: ServeSettings, hub: CameraHub,
                  stats: dict, stopped: threading.Event):
-        self.model = model
+        self.models = models
         self.scheduler = scheduler
         self.s = settings
         self.hub = hub
@@ -63,13 +64,14 @@ class Worker:
             return empty_result(job.request_id, job.next_seq(), job.received,
                                 "cancelled" if job.cancel.is_set() else "deadline")
         max_tokens = min(req.max_tokens or self.s.default_max_tokens, self.s.max_tokens)
+        model = self.models.get(job.model)
         if isinstance(req, TranscribeRequest):
-            stream = self.model.stream_transcription(self._audio(req.audio, job), req.language, max_tokens=max_tokens,
+            stream = model.stream_transcription(self._audio(req.audio, job), req.language, max_tokens=max_tokens,
                                                      temperature=req.temperature, cancel=job.cancel,
                                                      deadline=job.deadline)
         else:
             prompt = job.prompt if job.prompt is not None else self._prompt(job)
-            stream = self.model.stream(prompt, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+            stream = model.stream(prompt, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                        top_k=req.top_k, seed=req.seed, stop=tuple(req.stop),
                                        cancel=job.cancel, deadline=job.deadline)
         deltas = _Coalescer(job, self.s.coalesce_ms / 1000, self.s.coalesce_tokens) if req.stream else None

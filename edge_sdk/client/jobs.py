@@ -1,42 +1,59 @@
-"""Watch jobs from the client side: ``WatchHandle`` / ``AsyncWatchHandle`` iterate one job's
-events (subscribed before the job is registered, so none is missed)."""
+"""Jobs that run on the device and publish on their own events topic — watch jobs (a camera) and
+listen jobs (a microphone) — from the client side: ``JobHandle`` / ``AsyncJobHandle`` iterate one
+job's events (subscribed before the job is registered, so none is missed). ``JobKind`` holds
+what differs between the two kinds: ops, topic, event models."""
 
 from __future__ import annotations
 
 import asyncio
 import queue
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterator
 
 from edge_sdk.client.connection import Connection
 from edge_sdk.client.errors import DeviceOfflineError, RequestTimeoutError, read_event
 from edge_sdk.client.streams import threadsafe_putter
-from edge_sdk.protocol.models import WatchEnd, WatchError, WatchEvent, WatchRegistered
+from edge_sdk.protocol.models import (ListenEnd, ListenError, ListenRegistered, ListenTranscript, ListenVoice, WatchEnd,
+                                      WatchError, WatchEvent, WatchRegistered)
+from edge_sdk.protocol.topics import Topics
 
 
-_WATCH_EVENTS = {"watch": WatchEvent, "watch_error": WatchError, "watch_end": WatchEnd}
+@dataclass(frozen=True)
+class JobKind:
+    op: str  # the request that registers a job
+    cancel_op: str
+    source: str  # the payload field naming the camera or microphone
+    events: dict[str, type]  # event type -> its model (the end event among them)
+    end: type
+    registered: type
+    topic: Callable[[Topics, str, str, str], str]  # (topics, source, client, job_id) -> events topic
 
 
-def _watch_item(ev: dict, job_id: str) -> Any:
-    """The typed watch event of ``ev`` (None for an unknown type; ProtocolError if malformed)."""
-    model = _WATCH_EVENTS.get(ev.get("type")) if isinstance(ev.get("type"), str) else None
-    return read_event(model, ev, job_id) if model is not None else None
+WATCH = JobKind("watch", "watch_cancel", "camera", {"watch": WatchEvent, "watch_error": WatchError, "watch_end": WatchEnd},
+                WatchEnd, WatchRegistered, Topics.watch_events)
+LISTEN = JobKind("listen", "listen_cancel", "microphone",
+                 {"voice_started": ListenVoice, "voice_stopped": ListenVoice, "transcript": ListenTranscript,
+                  "listen_error": ListenError, "listen_end": ListenEnd}, ListenEnd, ListenRegistered,
+                 Topics.listen_events)
 
 
-class _WatchBase:
-    """What the sync and async watch handles share: subscription, registration, cancel and the
+class _JobBase:
+    """What the sync and async job handles share: subscription, registration, cancel and the
     handling of each queued item; only the wait for the next item differs."""
 
     _q: Any  # the subclass's queue (queue.Queue or asyncio.Queue), made before this __init__ runs
 
-    def __init__(self, core: Connection, payload: dict, deliver: Callable[[Any], None], event_timeout: float | None):
+    def __init__(self, core: Connection, kind: JobKind, payload: dict, deliver: Callable[[Any], None],
+                 event_timeout: float | None):
         self._core = core
+        self.kind = kind
         self.event_timeout = event_timeout
-        self.end: WatchEnd | None = None
+        self.end: Any = None
         self.job_id: str = payload["request_id"]
-        self.camera: str = payload["camera"]
-        self.persistent: bool = payload["persistent"]
-        self.events_topic = core.topics.watch_events(self.camera, core.name, self.job_id)
-        self.registration: WatchRegistered | None = None
+        self.source: str = payload[kind.source]
+        self.persistent: bool = payload.get("persistent", False)
+        self.events_topic = kind.topic(core.topics, self.source, core.name, self.job_id)
+        self.registration: Any = None
         self._deliver = deliver
         self._finished = False
         self._listening = False
@@ -44,7 +61,7 @@ class _WatchBase:
     def _on_offline(self) -> None:
         if not self.persistent and not self._finished:
             self._deliver(DeviceOfflineError(f"device {self._core.topics.device_id!r} went offline; "
-                                             f"watch job {self.job_id} is gone", code="offline", status=503))
+                                             f"{self.kind.op} job {self.job_id} is gone", code="offline", status=503))
 
     def _listen(self, timeout: float) -> None:
         self._core.add_subscription(self.events_topic, self._deliver, timeout)
@@ -66,7 +83,7 @@ class _WatchBase:
         self._deliver(None)
 
     def _send_cancel(self) -> None:
-        self._core.publish_request("watch_cancel", {"v": 1, "job_id": self.job_id})
+        self._core.publish_request(self.kind.cancel_op, {"v": 1, "job_id": self.job_id})
 
     def _detach(self) -> None:
         self._stop_listening()
@@ -74,10 +91,10 @@ class _WatchBase:
             self._q.put_nowait(None)  # wakes a waiting get(), which then ends the iteration
 
     def _no_event(self, timeout: float | None) -> RequestTimeoutError:
-        return RequestTimeoutError(f"no watch event for job {self.job_id} within {timeout} s",
+        return RequestTimeoutError(f"no {self.kind.op} event for job {self.job_id} within {timeout} s",
                                    request_id=self.job_id, code="timeout")
 
-    def _take(self, item: Any) -> WatchEvent | WatchError | None:
+    def _take(self, item: Any) -> Any:
         """Handle one queued item: the event to return, or None (skipped, or the end: then
         ``_finished`` is set). Raises a delivered exception (offline, client closed)."""
         if item is None:  # detach() or the client closed
@@ -87,8 +104,11 @@ class _WatchBase:
             self._finished = True
             self._stop_listening()
             raise item
-        ev = _watch_item(item, self.job_id)
-        if isinstance(ev, WatchEnd):
+        model = self.kind.events.get(item.get("type")) if isinstance(item.get("type"), str) else None
+        if model is None:  # a newer daemon's event type: skipped
+            return None
+        ev = read_event(model, item, self.job_id)
+        if isinstance(ev, self.kind.end):
             self.end = ev
             self._finished = True
             self._stop_listening()
@@ -96,17 +116,19 @@ class _WatchBase:
         return ev
 
 
-class WatchHandle(_WatchBase):
-    """Events of one watch job: ``for ev in handle`` yields ``WatchEvent`` (an answer) and
-    ``WatchError`` (a tick that failed, e.g. the camera was lost; the job goes on) until the job
-    ends (expired, cancelled elsewhere) or ``cancel()``. ``get(timeout)`` waits for one event.
-    Leaving a ``with`` block cancels the job; ``detach()`` stops listening and leaves it running."""
+class JobHandle(_JobBase):
+    """Events of one job: ``for ev in handle`` yields a watch job's ``WatchEvent`` (an answer) and
+    ``WatchError`` (a tick that failed, e.g. the camera was lost; the job goes on), or a listen
+    job's ``ListenVoice``, ``ListenTranscript`` and ``ListenError``, until the job ends (expired,
+    cancelled elsewhere: ``end`` holds its last event) or ``cancel()``. ``get(timeout)`` waits for
+    one event. Leaving a ``with`` block cancels the job; ``detach()`` stops listening and leaves it
+    running."""
 
-    def __init__(self, core: Connection, payload: dict, event_timeout: float | None):
+    def __init__(self, core: Connection, kind: JobKind, payload: dict, event_timeout: float | None):
         self._q: queue.Queue = queue.Queue()
-        super().__init__(core, payload, self._q.put, event_timeout)
+        super().__init__(core, kind, payload, self._q.put, event_timeout)
 
-    def get(self, timeout: float | None = None) -> WatchEvent | WatchError:
+    def get(self, timeout: float | None = None) -> Any:
         """The next event; RequestTimeoutError if none within ``timeout``; StopIteration at the end."""
         while not self._finished:
             try:
@@ -118,10 +140,10 @@ class WatchHandle(_WatchBase):
                 return ev
         raise StopIteration
 
-    def __iter__(self) -> Iterator[WatchEvent | WatchError]:
+    def __iter__(self) -> Iterator[Any]:
         return self
 
-    def __next__(self) -> WatchEvent | WatchError:
+    def __next__(self) -> Any:
         return self.get(self.event_timeout)
 
     def cancel(self) -> None:
@@ -133,21 +155,22 @@ class WatchHandle(_WatchBase):
         """Stop listening; the job keeps running on the device (e.g. a persistent one)."""
         self._detach()
 
-    def __enter__(self) -> "WatchHandle":
+    def __enter__(self) -> "JobHandle":
         return self
 
     def __exit__(self, *exc) -> None:
         self.cancel()
 
 
-class AsyncWatchHandle(_WatchBase):
+class AsyncJobHandle(_JobBase):
     """``async for ev in handle``; ``await handle.get(timeout)``; ``await handle.cancel()``."""
 
-    def __init__(self, core: Connection, payload: dict, loop: asyncio.AbstractEventLoop, event_timeout: float | None):
+    def __init__(self, core: Connection, kind: JobKind, payload: dict, loop: asyncio.AbstractEventLoop,
+                 event_timeout: float | None):
         self._q: asyncio.Queue = asyncio.Queue()
-        super().__init__(core, payload, threadsafe_putter(loop, self._q), event_timeout)
+        super().__init__(core, kind, payload, threadsafe_putter(loop, self._q), event_timeout)
 
-    async def get(self, timeout: float | None = None) -> WatchEvent | WatchError:
+    async def get(self, timeout: float | None = None) -> Any:
         while not self._finished:
             try:
                 item = await asyncio.wait_for(self._q.get(), timeout=timeout)
@@ -158,10 +181,10 @@ class AsyncWatchHandle(_WatchBase):
                 return ev
         raise StopAsyncIteration
 
-    def __aiter__(self) -> AsyncIterator[WatchEvent | WatchError]:
+    def __aiter__(self) -> AsyncIterator[Any]:
         return self
 
-    async def __anext__(self) -> WatchEvent | WatchError:
+    async def __anext__(self) -> Any:
         return await self.get(self.event_timeout)
 
     async def cancel(self) -> None:
@@ -171,19 +194,19 @@ class AsyncWatchHandle(_WatchBase):
     async def detach(self) -> None:
         self._detach()
 
-    async def __aenter__(self) -> "AsyncWatchHandle":
+    async def __aenter__(self) -> "AsyncJobHandle":
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self.cancel()
 
 
-def register_watch(core: Connection, handle: _WatchBase, payload: dict, timeout: float) -> None:
+def register_job(core: Connection, handle: _JobBase, payload: dict, timeout: float) -> None:
     """Subscribe the events topic, then register the job (so no event can be missed)."""
     handle._listen(timeout)
     try:
-        ev = core.request("watch", payload, timeout)
+        ev = core.request(handle.kind.op, payload, timeout)
     except BaseException:
         handle._stop_listening()
         raise
-    handle.registration = read_event(WatchRegistered, ev, handle.job_id)
+    handle.registration = read_event(handle.kind.registered, ev, handle.job_id)
