@@ -108,3 +108,26 @@ def test_a_client_that_dies_mid_stream_leaves_nothing_running(voxtral_model, sta
     while d.streams._open and time.monotonic() < deadline:  # the broker sends its Last Will after ~1.5 s
         time.sleep(0.1)
     assert not d.streams._open
+
+
+def test_async_audio_stream(voxtral_model, start_daemon, mosquitto, utterances):  # noqa: F811
+    import asyncio
+
+    from edge_sdk.client import AsyncClient
+    from edge_sdk.media.vad import find_speech
+
+    d = start_daemon(voxtral_model)
+    gap = np.zeros(16000, np.float32)
+    audio = _quantized(np.concatenate([gap, utterances[1], gap]))
+    want = [voxtral_model.transcribe(seg.samples, max_tokens=4) for seg in find_speech(audio)]
+
+    async def main():
+        async with AsyncClient(mosquitto.host, mosquitto.port, d.s.device_id, timeout=30) as c:
+            async with await c.audio_stream(max_tokens=4) as stream:
+                for i in range(0, len(audio), CHUNK):
+                    await stream.send(audio[i:i + CHUNK])
+            return [ev async for ev in stream.events(timeout=30)]
+
+    events = asyncio.run(main())
+    assert [e["type"] for e in events][-1] in ("stream_closed", "transcript")
+    assert [(e["text"], e["tokens"]) for e in events if e["type"] == "transcript"] == [(w.text, w.tokens) for w in want]

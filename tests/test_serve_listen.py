@@ -142,3 +142,22 @@ def test_a_client_that_dies_leaves_no_listen_job(voxtral_model, start_daemon, mo
     while len(d.listen) and time.monotonic() < deadline:  # the broker sends its Last Will after ~1.5 s
         time.sleep(0.1)
     assert len(d.listen) == 0
+
+
+def test_async_listen(voxtral_model, start_daemon, mosquitto, microphone_file):  # noqa: F811
+    import asyncio
+
+    from edge_sdk.client import AsyncClient
+
+    path, audio = microphone_file
+    d = start_daemon(voxtral_model, microphones={"desk": str(path)}, microphone_loop=True)
+
+    async def main():
+        async with AsyncClient(mosquitto.host, mosquitto.port, d.s.device_id, timeout=30) as c:
+            async with await c.listen("desk", max_tokens=4, event_timeout=30) as h:
+                async for ev in h:
+                    if isinstance(ev, ListenTranscript):
+                        return ev
+
+    ev = asyncio.run(main())
+    assert ev.microphone == "desk" and ev.usage.completion_tokens >= 1 and ev.end_s > ev.start_s
