@@ -3,6 +3,7 @@
 #   make test   run the test suite
 #   make serve  the device set-up locally: mosquitto with devices/mosquitto's config + the daemon on the demo package
 #   make bench-peers [LAYERS=6]  CPU decode vs llama.cpp and ONNX Runtime GenAI on the same weights (slow: builds the peers)
+#   make bench-audio             log-mel, the full-size Voxtral audio encoder and end of speech to transcript vs transformers
 #   make flash PACKAGE=DIR [DEVICE=user@host]  install SDK + model + daemon on a Jetson; make rollback, make unflash
 #   make test-flash  the flash tests against a test device (slow)
 
@@ -12,7 +13,7 @@ PY     := $(VENV)/bin/python
 SYSTEM_PACKAGES := mosquitto mosquitto-clients libmosquitto-dev gcc
 DEMO_DIR := engines/demo
 
-.PHONY: demo test test-flash flash rollback unflash serve bench-peers system-deps install clean
+.PHONY: demo test test-flash flash rollback unflash serve bench-peers bench-audio system-deps install clean
 
 # Debian packages: the broker the daemon talks to, and libmosquitto for the C firmware example.
 system-deps:
@@ -83,6 +84,9 @@ $(PEERS)/.installed:
 		'mistral-common>=1.8' onnxruntime-genai onnxruntime onnx onnx-ir
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PEERS)/bin/python -m pip install -q llama-cpp-python==0.3.36
 	touch $@
+
+bench-audio: install
+	$(PY) benchmarks/audio_bench.py
 
 bench-peers: install $(PEERS)/.installed
 	$(PY) benchmarks/peer_bench.py --layers $(or $(LAYERS),6) --peers-python $(PEERS)/bin/python

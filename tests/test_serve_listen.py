@@ -161,3 +161,28 @@ def test_async_listen(voxtral_model, start_daemon, mosquitto, microphone_file): 
 
     ev = asyncio.run(main())
     assert ev.microphone == "desk" and ev.usage.completion_tokens >= 1 and ev.end_s > ev.start_s
+
+
+@pytest.mark.skipif(shutil.which("mosquitto_pub") is None or shutil.which("jq") is None,
+                    reason="needs mosquitto-clients and jq")
+def test_shell_listen_example(voxtral_model, start_daemon, mosquitto, microphone_file):  # noqa: F811
+    from pathlib import Path
+
+    from edge_sdk.media.vad import find_speech
+
+    path, audio = microphone_file
+    (segment,) = find_speech(audio)
+    want = voxtral_model.transcribe(segment.samples, max_tokens=6)
+    d = start_daemon(voxtral_model, microphones={"desk": str(path)}, microphone_loop=True)
+    script = Path(__file__).resolve().parents[1] / "examples" / "shell" / "listen.sh"
+    base = ["sh", str(script), "-h", mosquitto.host, "-p", str(mosquitto.port), "-d", d.s.device_id, "-T", "20"]
+    p = subprocess.run(base + ["-n", "6", "-c", "1", "desk"], capture_output=True, timeout=40)
+    assert p.returncode == 0, p.stderr.decode()
+    assert p.stdout.decode() == want.text + "\n"
+    assert b"[voice_stopped" in p.stderr
+    deadline = time.monotonic() + 5
+    while len(d.listen) and time.monotonic() < deadline:  # the script cancelled its job on exit
+        time.sleep(0.05)
+    assert len(d.listen) == 0
+    p = subprocess.run(base + ["hall"], capture_output=True, timeout=30)
+    assert p.returncode == 1 and b"error 415 unsupported_media" in p.stderr
