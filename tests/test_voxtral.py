@@ -156,3 +156,46 @@ def test_transcribe_command(voxtral, tmp_path, capsys):
     assert main(["transcribe", str(pkg), str(tmp_path / "notes.txt")]) == 2
     err = capsys.readouterr().err.strip()
     assert "notes.txt: not a readable WAV/FLAC/OGG file" in err and "\n" not in err
+
+
+def test_mistral_native_voxtral_matches_transformers(tmp_path):
+    """Mistral's own layout of Voxtral (params.json + consolidated.safetensors, no position table:
+    the encoder's sinusoids are computed) builds into the same engine as the HF layout."""
+    import torch
+    from transformers import VoxtralForConditionalGeneration
+    from transformers.models.whisper.modeling_whisper import sinusoids
+
+    from edge_sdk.build import build
+    from edge_sdk.export.audio import whisper_positions
+    from edge_sdk.quant import QuantRecipe
+    from edge_sdk.tiny import make_voxtral_checkpoint
+    from edge_sdk.tiny_tokenizer import make_tekken_file
+    from layouts import to_native_voxtral
+
+    random = make_voxtral_checkpoint(tmp_path / "random", seed=5)
+    hf = VoxtralForConditionalGeneration.from_pretrained(random).eval()
+    positions = hf.model.audio_tower.embed_positions.weight
+    table = whisper_positions(*positions.shape)
+    # Whisper's sinusoids, up to the float32 rounding of angles as large as 1500 rad (~1e-4)
+    np.testing.assert_allclose(table, sinusoids(*positions.shape).numpy(), atol=2e-4, rtol=0)
+    with torch.no_grad():
+        positions.copy_(torch.from_numpy(table))  # the oracle holds exactly the table the native build computes
+    hf.save_pretrained(tmp_path / "hf")
+    make_tekken_file(tmp_path / "hf" / "tekken.json", vocab_size=4096, audio=True)
+    native = to_native_voxtral(tmp_path / "hf", tmp_path / "native")
+    assert not (native / "config.json").exists()
+    model = edge_sdk.load(build(native, QuantRecipe(method="none"), out=tmp_path / "pkg", progress=False))
+    assert model.manifest.model.architecture == "VoxtralForConditionalGeneration"
+    assert model.manifest.modalities == ["text", "audio"]
+
+    audio = _clip(3.0, seed=4)
+    prompt = model.tokenizer.encode_transcription(audio, "en")
+    feats = torch.from_numpy(log_mel(prompt.audios[0]))
+    with torch.no_grad():
+        want_audio = hf.get_audio_features(feats).pooler_output.numpy()
+        want_logits = hf(input_ids=torch.tensor([prompt.ids]), input_features=feats).logits[0, -1].numpy()
+    got_audio = model.backend.encode_audio(feats.numpy())
+    assert np.abs(got_audio - want_audio).max() < AUDIO_TOLERANCE * np.abs(want_audio).max()
+    b = model.backend
+    got_logits, _ = b.forward(model._prompt_embeds(prompt), np.arange(len(prompt.ids)), b.new_cache())
+    np.testing.assert_allclose(got_logits, want_logits, atol=LOGIT_TOLERANCE, rtol=0)

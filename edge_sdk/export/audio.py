@@ -27,10 +27,25 @@ AUDIO_FILE = "audio.onnx"
 MEL_FRAMES = 3000
 
 
+def whisper_positions(length: int, channels: int, max_timescale: float = 10_000.0) -> np.ndarray:
+    """Whisper's sinusoidal position table [length, channels]: sines then cosines. The angles are
+    computed in float64; float32 implementations (Whisper's own) differ from it, and from one
+    another, by up to ~1e-4 at position 1500, where an angle's float32 rounding is that large."""
+    increment = np.log(max_timescale) / (channels // 2 - 1)
+    inv = np.exp(-increment * np.arange(channels // 2))
+    scaled = np.arange(length)[:, None] * inv[None, :]
+    return np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1).astype(np.float32)
+
+
 def load_audio_weights(checkpoint: Any) -> dict[str, np.ndarray]:
-    """All `audio_tower.*` / `multi_modal_projector.*` tensors of a checkpoint, as float32."""
+    """All `audio_tower.*` / `multi_modal_projector.*` tensors of a checkpoint, as float32; the
+    position table computed where the checkpoint has none (Mistral's native layout)."""
     names = [n for n in checkpoint.names() if n.startswith(("audio_tower.", "multi_modal_projector."))]
-    return {n: np.ascontiguousarray(checkpoint.get(n), dtype=np.float32) for n in names}
+    weights = {n: np.ascontiguousarray(checkpoint.get(n), dtype=np.float32) for n in names}
+    cfg = checkpoint.config.audio
+    if "audio_tower.embed_positions.weight" not in weights and cfg is not None:
+        weights["audio_tower.embed_positions.weight"] = whisper_positions(cfg.max_source_positions, cfg.hidden_size)
+    return weights
 
 
 class AudioGraph(EncoderGraph):

@@ -1,4 +1,4 @@
-"""Open a Ministral 3 checkpoint in any layout Mistral ships and expose one canonical view.
+"""Open a Ministral 3 or Voxtral checkpoint in any layout Mistral ships and expose one canonical view.
 
 Accepted: Hugging Face layout (config.json + model.safetensors or sharded files with an index),
 with either tensor-prefix spelling, and Mistral's native layout (params.json +
@@ -6,7 +6,9 @@ consolidated.safetensors). Weights stay memory-mapped until asked for.
 
 Canonical names are the text-only Hugging Face ones (`embed_tokens.weight`,
 `layers.{i}.self_attn.q_proj.weight`, `norm.weight`, `lm_head.weight`) and, for vision, the
-Mistral3 ones (`vision_tower.*`, `multi_modal_projector.*`). Native q/k rows are permuted from the
+Mistral3 ones (`vision_tower.*`, `multi_modal_projector.*`), for audio the Voxtral ones
+(`audio_tower.*`, `multi_modal_projector.*`; native Voxtral stores no position table, its
+Whisper sinusoids are computed). Native q/k rows are permuted from the
 interleaved RoPE layout to the rotate-half layout on read, so every consumer sees one convention.
 FP8 linears expose `weight` (float8_e4m3fn), `weight_scale` (a multiplier) and `activation_scale`.
 """
@@ -37,8 +39,20 @@ _HF_PREFIXES = [
     ("lm_head.", "lm_head."),
 ]
 
+_WHISPER = r"^mm_whisper_embeddings\.whisper_encoder\."
 _NATIVE_TEXT = [
-    (r"^tok_embeddings\.", "embed_tokens."),
+    (r"^(mm_whisper_embeddings\.)?tok_embeddings\.", "embed_tokens."),
+    (_WHISPER + r"conv_layers\.0\.", "audio_tower.conv1."),
+    (_WHISPER + r"conv_layers\.1\.", "audio_tower.conv2."),
+    (_WHISPER + r"transformer\.layers\.(\d+)\.attention\.w([qkv])\.", r"audio_tower.layers.\1.self_attn.\2_proj."),
+    (_WHISPER + r"transformer\.layers\.(\d+)\.attention\.wo\.", r"audio_tower.layers.\1.self_attn.out_proj."),
+    (_WHISPER + r"transformer\.layers\.(\d+)\.attention_norm\.", r"audio_tower.layers.\1.self_attn_layer_norm."),
+    (_WHISPER + r"transformer\.layers\.(\d+)\.ffn_norm\.", r"audio_tower.layers.\1.final_layer_norm."),
+    (_WHISPER + r"transformer\.layers\.(\d+)\.feed_forward\.w1\.", r"audio_tower.layers.\1.fc1."),
+    (_WHISPER + r"transformer\.layers\.(\d+)\.feed_forward\.w2\.", r"audio_tower.layers.\1.fc2."),
+    (_WHISPER + r"transformer\.norm\.", "audio_tower.layer_norm."),
+    (r"^mm_whisper_embeddings\.audio_language_projection\.0\.", "multi_modal_projector.linear_1."),
+    (r"^mm_whisper_embeddings\.audio_language_projection\.2\.", "multi_modal_projector.linear_2."),
     (r"^norm\.", "norm."),
     (r"^output\.", "lm_head."),
     (r"^layers\.(\d+)\.attention_norm\.", r"layers.\1.input_layernorm."),

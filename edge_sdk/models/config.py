@@ -229,18 +229,36 @@ def _vision_from_hf(cfg: dict) -> VisionConfig:
     )
 
 
-def _audio_from_hf(cfg: dict) -> AudioConfig:
-    a = cfg["audio_config"]
-    audio = AudioConfig(hidden_size=a["hidden_size"], intermediate_size=a["intermediate_size"],
-                        num_layers=a["num_hidden_layers"], num_heads=a["num_attention_heads"],
-                        num_mel_bins=a.get("num_mel_bins", 128), max_source_positions=a.get("max_source_positions", 1500),
-                        projector_hidden_act=cfg.get("projector_hidden_act", "gelu"),
-                        audio_token_id=cfg.get("audio_token_id") if cfg.get("audio_token_id") is not None else 24)
+def _checked_audio(audio: AudioConfig) -> AudioConfig:
     if audio.intermediate_size % audio.hidden_size or audio.max_source_positions % (audio.intermediate_size // audio.hidden_size):
         raise CheckpointError(f"audio_config: the projector concatenates intermediate_size / hidden_size = "
                               f"{audio.intermediate_size / audio.hidden_size:g} frames; it must be a whole divisor of "
                               f"max_source_positions ({audio.max_source_positions})")
     return audio
+
+
+def _audio_from_hf(cfg: dict) -> AudioConfig:
+    a = cfg["audio_config"]
+    return _checked_audio(AudioConfig(
+        hidden_size=a["hidden_size"], intermediate_size=a["intermediate_size"], num_layers=a["num_hidden_layers"],
+        num_heads=a["num_attention_heads"], num_mel_bins=a.get("num_mel_bins", 128),
+        max_source_positions=a.get("max_source_positions", 1500),
+        projector_hidden_act=cfg.get("projector_hidden_act", "gelu"),
+        audio_token_id=cfg.get("audio_token_id") if cfg.get("audio_token_id") is not None else 24))
+
+
+def _audio_from_native(whisper: dict) -> AudioConfig:
+    """``params.json``'s ``multimodal.whisper_model_args``: the encoder, and the projector's frame
+    stacking (``downsample_factor`` frames side by side: the HF config's intermediate_size)."""
+    e = whisper["encoder_args"]
+    factor = (whisper.get("downsample_args") or {}).get("downsample_factor", 4)
+    if e.get("hidden_dim", e["dim"] * factor) != e["dim"] * factor:
+        raise CheckpointError(f"whisper encoder hidden_dim {e.get('hidden_dim')} is not dim x downsample_factor "
+                              f"({e['dim']} x {factor}), which this exporter assumes")
+    return _checked_audio(AudioConfig(
+        hidden_size=e["dim"], intermediate_size=e["dim"] * factor, num_layers=e["n_layers"], num_heads=e["n_heads"],
+        num_mel_bins=(e.get("audio_encoding_args") or {}).get("num_mel_bins", 128),
+        max_source_positions=e.get("max_source_positions", 1500)))
 
 
 def from_hf_config(path: Path) -> ModelConfig:
@@ -329,9 +347,12 @@ def from_native_params(path: Path) -> ModelConfig:
                 image_break_token_id=v.get("image_break_token_id", 12),
                 image_end_token_id=v.get("image_end_token_id", 13),
             )
+        whisper = (p.get("multimodal") or {}).get("whisper_model_args")
+        audio = _audio_from_native(whisper) if whisper else None
     except KeyError as exc:
         raise CheckpointError(f"{path}: missing field {exc.args[0]!r}") from None
     quant = p.get("quantization") or {}
     dtype = "fp8" if quant.get("qformat_weight") == "fp8_e4m3" else "bfloat16"
-    arch = "Mistral3ForConditionalGeneration" if vision else "Ministral3ForCausalLM"
-    return ModelConfig(architecture=arch, text=text, vision=vision, checkpoint_dtype=dtype)
+    arch = ("VoxtralForConditionalGeneration" if audio else "Mistral3ForConditionalGeneration" if vision
+            else "Ministral3ForCausalLM")
+    return ModelConfig(architecture=arch, text=text, vision=vision, audio=audio, checkpoint_dtype=dtype)
