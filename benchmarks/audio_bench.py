@@ -115,6 +115,33 @@ def bench_encoder(ckpt: Path, model, runs: int, threads: int) -> dict:
             "max_rel_diff": err, "tokens": int(got.shape[0])}
 
 
+def encoder_flops(audio_layers: int, hidden: int = 1280, ffn: int = 5120, mels: int = 128, text: int = TEXT["hidden"],
+                  frames: int = 1500) -> float:
+    """Multiply-adds x 2 of the encoder + projector on one 30 s chunk."""
+    layer = 4 * frames * hidden * hidden + 2 * frames * hidden * ffn + 2 * frames * frames * hidden
+    convs = 2 * frames * 3 * mels * hidden + frames * 3 * hidden * hidden
+    projector = frames // 4 * (4 * hidden * text + text * text)
+    return 2.0 * (audio_layers * layer + convs + projector)
+
+
+def gemm_roofline(threads: int, n: int = 2048, runs: int = 5) -> float:
+    """float32 GEMM FLOP/s of this machine now, ONNX Runtime's own MatMul on ``threads`` threads."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ab"],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(onnx.helper.make_model(graph).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    session.run(None, {"a": a, "b": a})
+    return 2.0 * n ** 3 / median_time(lambda: session.run(None, {"a": a, "b": a}), runs)
+
+
 def bench_end_to_transcript(model, speech: np.ndarray, new_tokens: int, runs: int) -> dict:
     from edge_sdk.media.vad import Segmenter, SileroVad
 
@@ -163,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"threads": a.threads, "audio_layers": a.audio_layers, "front_end": bench_front_end(a.runs)}
     log("encoder")
     report["encoder"] = bench_encoder(ckpt, model, a.runs, a.threads)
+    report["encoder"]["gflops"] = encoder_flops(a.audio_layers) / report["encoder"]["encoder_s_per_30s_chunk"] / 1e9
+    report["gemm_roofline_gflops"] = gemm_roofline(a.threads) / 1e9
     log("end of speech to transcript")
     report["latency"] = bench_end_to_transcript(model, speech_clip(a.work), a.new_tokens, a.runs)
     if a.json:
@@ -175,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
           f"| {fe['ratio']:.2f}x |")
     print(f"| encoder + projector, one 30 s chunk ({enc['tokens']} tokens) | {enc['encoder_s_per_30s_chunk']:.2f} s "
           f"| {enc['transformers_s']:.2f} s | {enc['ratio']:.2f}x |")
-    print(f"\nencoder output vs transformers: max |diff| / max |ref| = {enc['max_rel_diff']:.1e}")
+    print(f"\nencoder: {enc['gflops']:.0f} GFLOP/s, {100 * enc['gflops'] / report['gemm_roofline_gflops']:.0f} % of "
+          f"this machine's float32 GEMM measured in the same run ({report['gemm_roofline_gflops']:.0f} GFLOP/s); "
+          f"output vs transformers: max |diff| / max |ref| = {enc['max_rel_diff']:.1e}")
     print(f"end of speech to transcript ({lat['utterance_s']:.1f} s utterance, {lat['transcript_tokens']} tokens): "
           f"{lat['end_of_speech_to_transcript_s']:.2f} s after voice_stopped, which itself comes "
           f"{lat['endpointing_silence_s']:.1f} s of silence after the speech ends; "
