@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .devices import check_build, load_profile
 from .export.decoder import export_decoder, export_embedding
-from .export.cpu_graph import GQA_HEAD_DIM_MULTIPLE, write_cpu_graph
+from .export.cpu_graph import write_cpu_graph
 from .export.plugin_graph import write_plugin_graph
 from .models.checkpoint import CheckpointError, open_checkpoint
 from .package import Manifest, graph_entry, write_manifest
@@ -98,7 +98,7 @@ def build(checkpoint: str | Path, recipe: QuantRecipe, device: str = "cpu", out:
     graphs = {"embed": graph_entry(out_dir, "embed.onnx"), "decoder": graph_entry(out_dir, "decoder.onnx")}
     if plugins and profile.backend == "tensorrt":
         graphs["decoder_plugins"] = graph_entry(out_dir, write_plugin_graph(decoder).name)
-    if profile.backend == "onnxruntime" and cfg.text.head_dim % GQA_HEAD_DIM_MULTIPLE == 0:
+    if profile.backend == "onnxruntime":
         graphs["decoder_cpu"] = graph_entry(out_dir, write_cpu_graph(decoder, cfg.text, context_length).name)
     if cfg.vision is not None:
         from .export.vision import export_vision

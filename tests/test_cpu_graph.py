@@ -1,6 +1,6 @@
-"""The CPU graph (fused GroupQueryAttention over in-place KV buffers) against the standard graph
-it is derived from: same logits and greedy tokens over a long generation that crosses the
-query-scale steps, through chunked prefill and several doublings of the cache."""
+"""The CPU graph (grouped attention over preallocated KV buffers, nothing concatenated) against
+the standard graph it is derived from: same logits and greedy tokens over a long generation that
+crosses the query-scale steps, through chunked prefill and several regrowths of the buffers."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ N_NEW = 60  # positions 12 .. 72: past the 16/32/48/64 query-scale steps of the 
 
 @pytest.mark.parametrize("quant,recipe", [("none", {}), ("int4", dict(block_size=32)), ("fp8", {})])
 def test_cpu_graph_matches_standard_graph(tiny_checkpoints, build_package, monkeypatch, quant, recipe):
-    monkeypatch.setattr(ort_backend, "FIRST_CAPACITY", 16)  # 16 -> 32 -> 64 -> 128 within the run
+    monkeypatch.setattr(ort_backend, "CAPACITY_STEP", 16)  # 16 -> 32 -> ... -> 80 within the run
     pkg = build_package(tiny_checkpoints["mm_tied"], quant, **recipe)
     fused = edge_sdk.load(pkg, accuracy_level=0)
     standard = edge_sdk.load(pkg, accuracy_level=0, graph="decoder")
@@ -36,7 +36,7 @@ def test_cpu_graph_matches_standard_graph(tiny_checkpoints, build_package, monke
     (got_tokens, got, cache), (want_tokens, want, _) = runs
     assert got_tokens == want_tokens
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
-    assert cache.length == 12 + N_NEW and cache.capacity == 128
+    assert cache.length == 12 + N_NEW and cache.capacity == 80
 
 
 def test_cpu_graph_cache_stops_at_the_context(tiny_checkpoints, build_package):
@@ -47,3 +47,26 @@ def test_cpu_graph_cache_stops_at_the_context(tiny_checkpoints, build_package):
     assert cache.capacity == ctx
     with pytest.raises(ContextOverflowError, match=f"{ctx - 1} cached \\+ 2 new tokens exceed the context"):
         backend.forward(backend.embed(np.arange(2)), np.arange(ctx - 1, ctx + 1), cache)
+
+
+def test_a_package_with_an_older_cpu_graph_runs_its_standard_graph(tiny_checkpoints, build_package, tmp_path, caplog):
+    """An older release's decoder.cpu.onnx (fused attention writing present_* in place) is not
+    driven by this runtime: the backend says so and runs decoder.onnx, with the same tokens."""
+    import shutil
+
+    import onnx
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(build_package(tiny_checkpoints["mm_tied"], "none"), pkg)
+    graph = onnx.load(str(pkg / "decoder.cpu.onnx"), load_external_data=False)
+    renames = {o.name: o.name.replace("new_", "present_") for o in graph.graph.output}
+    for node in graph.graph.node:
+        node.output[:] = [renames.get(o, o) for o in node.output]
+        node.input[:] = [renames.get(i, i) for i in node.input]
+    for o in graph.graph.output:
+        o.name = renames[o.name]
+    onnx.save(graph, str(pkg / "decoder.cpu.onnx"))
+    old = edge_sdk.load(pkg, verify=False)
+    assert not old.backend.in_place and "from an older edge_sdk" in caplog.text
+    want = edge_sdk.load(pkg, verify=False, graph="decoder").generate([1, 3, 1091, 1500], max_tokens=6).tokens
+    assert old.generate([1, 3, 1091, 1500], max_tokens=6).tokens == want

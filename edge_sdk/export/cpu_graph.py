@@ -1,19 +1,23 @@
-"""The CPU graph: decoder.onnx with each attention block replaced by ONNX Runtime's fused
-``com.microsoft.GroupQueryAttention``, over KV buffers the backend preallocates and ONNX Runtime
-writes in place (the same buffer bound as past and present: no per-step copy of the cache).
+"""The CPU graph: decoder.onnx with each attention block replaced by one that reads the KV cache
+from buffers the backend preallocates, never concatenating (copying) the cache per step.
 
 Derived from the standard graph like the TensorRT plugin graph (same seams, same weights file);
 the standard graph stays what TensorRT parses and what is checked against transformers, and this
 one is checked against it. Linears are untouched (ONNX Runtime fuses INT4 DequantizeLinear ->
 MatMul into MatMulNBits itself).
 
-- RoPE: GroupQueryAttention rotates q and k from cos/sin caches indexed by position; the caches
-  are the exporter's tables (YaRN attention factor included) for positions 0 .. context - 1.
-- The Llama-4 query scale depends on the position; rotation is linear, so q is scaled before
-  the op and the op's own scale is 1.
-- I/O: ``past_lengths`` int32 [batch]; ``past_key.{i}``/``past_value.{i}`` and
-  ``present_key.{i}``/``present_value.{i}`` [batch, kv_heads, cache_seq, head_dim], bound to one
-  buffer each (runtime/onnxruntime.py).
+Per layer:
+- RoPE: ``com.microsoft.RotaryEmbedding`` on q and k from cos/sin caches indexed by position (the
+  exporter's tables, YaRN attention factor included, for positions 0 .. context - 1). The
+  Llama-4 query scale depends on the position; rotation is linear, so q is scaled after it.
+- Grouped attention as two matrix products per KV head, the G = heads / kv_heads query heads of
+  a group stacked as rows: scores against the cache buffer (``past_key.{i}`` [B, KV, C, D], C the
+  buffer's capacity; positions at or past ``past_lengths`` masked) and against the step's own new
+  keys (causal), one softmax over both, then probabilities times the buffer's and the new
+  values. Each buffer is read once per step, not once per query head (ONNX Runtime's fused
+  GroupQueryAttention reads it G times: at 4,096 tokens of context that was a third of a step).
+- The step's new keys and values are outputs (``new_key.{i}``/``new_value.{i}`` [B, KV, S, D]);
+  the backend writes them into the buffers after the step (runtime/onnxruntime.py).
 """
 
 from __future__ import annotations
@@ -26,13 +30,12 @@ from onnx import TensorProto, helper, numpy_helper
 from ..models.config import TextConfig
 from ..models.ministral3 import rope_cos_sin
 from ..plugins import ops
+from .decoder import NEG_INF
 from .graph_rewrite import Graph, beside, expanded_q_scale, load_decoder, save_rewritten, shared_rope
 
 CPU_GRAPH = "decoder.cpu.onnx"
-#: ONNX Runtime's CPU GroupQueryAttention takes head sizes that are multiples of 16 (Ministral 3's
-#: is 128); a model with another head size is served by the standard graph.
-GQA_HEAD_DIM_MULTIPLE = 16
 MS_DOMAIN = "com.microsoft"
+NEW_KEY, NEW_VALUE = "new_key", "new_value"
 
 
 def _rope_caches(graph: Graph, cfg: TextConfig, rows: int, dtype: int) -> tuple[str, str]:
@@ -46,22 +49,77 @@ def _rope_caches(graph: Graph, cfg: TextConfig, rows: int, dtype: int) -> tuple[
     return names[0], names[1]
 
 
-def _lengths(graph: Graph, seam: dict[str, str]) -> tuple[str, str]:
-    """seqlens_k = past_lengths + S - 1 [B] and total_sequence_length = max(past_lengths) + S, int32."""
-    seq = graph.fresh("seq")
-    graph.add("Cast", [_seq_len(graph, seam)], [seq], to=TensorProto.INT32)
-    total_b, seqlens, total = graph.fresh("total_b"), graph.fresh("seqlens_k"), graph.fresh("total_len")
-    graph.add("Add", [ops.PAST_LENGTHS, seq], [total_b])
-    graph.add("Sub", [total_b, graph.const([1], TensorProto.INT32)], [seqlens])
-    graph.add("ReduceMax", [total_b], [total], keepdims=0)
-    return seqlens, total
+def _op(graph: Graph, op_type: str, *inputs: str, domain: str = "", **attrs) -> str:
+    out = graph.fresh(op_type.lower())
+    graph.add(op_type, list(inputs), [out], domain=domain, **attrs)
+    return out
 
 
-def _seq_len(graph: Graph, seam: dict[str, str]) -> str:
-    shape, seq = graph.fresh("q_shape"), graph.fresh("q_len")
-    graph.add("Shape", [seam["q"]], [shape])
-    graph.add("Gather", [shape, graph.const([1])], [seq], axis=0)
-    return seq
+def _scalar(graph: Graph, value, data_type=TensorProto.INT64) -> str:
+    name = graph.fresh("scalar")
+    graph.g.initializer.append(helper.make_tensor(name, data_type, [], [value]))
+    return name
+
+
+def _dim(graph: Graph, tensor: str, axis: int) -> str:
+    """One dimension of ``tensor`` as an int64 scalar."""
+    return _op(graph, "Gather", _op(graph, "Shape", tensor), _scalar(graph, axis), axis=0)
+
+
+def _masks(graph: Graph, seam: dict[str, str], groups: int) -> tuple[str, str, str]:
+    """(mask over the buffer [B, 1, 1, C]: 0 below past_lengths, NEG_INF from there; causal mask
+    over the new keys [G*S, S], rows stacked group-major as the queries are; the split [C, S])."""
+    zero, one, neg = _scalar(graph, 0), _scalar(graph, 1), _scalar(graph, NEG_INF, TensorProto.FLOAT)
+    fzero = _scalar(graph, 0.0, TensorProto.FLOAT)
+    capacity, seq = _dim(graph, seam["past_key"], 2), _dim(graph, "position_ids", 1)
+    lengths = _op(graph, "Unsqueeze", _op(graph, "Cast", ops.PAST_LENGTHS, to=TensorProto.INT64), graph.const([1]))
+    filled = _op(graph, "Less", _op(graph, "Range", zero, capacity, one), lengths)  # [B, C]
+    past = _op(graph, "Unsqueeze", _op(graph, "Where", filled, fzero, neg), graph.const([1, 2]))
+    rows = _op(graph, "Mod", _op(graph, "Range", zero, _op(graph, "Mul", seq, _scalar(graph, groups)), one), seq)
+    cols = _op(graph, "Range", zero, seq, one)
+    allowed = _op(graph, "LessOrEqual", _op(graph, "Unsqueeze", cols, graph.const([0])),
+                  _op(graph, "Unsqueeze", rows, graph.const([1])))
+    new = _op(graph, "Where", allowed, fzero, neg)
+    split = _op(graph, "Concat", _op(graph, "Unsqueeze", capacity, graph.const([0])),
+                _op(graph, "Unsqueeze", seq, graph.const([0])), axis=0)
+    return past, new, split
+
+
+def _attention(graph: Graph, seam: dict[str, str], meta: dict, rope: tuple[str, str], q_scale: str,
+               masks: tuple[str, str, str], layer: int, dtype: int) -> tuple[str, str]:
+    """One layer's attention into ``seam["out"]``; returns its (new key, new value) [B, KV, S, D]."""
+    heads, kv, dim = meta["num_heads"], meta["num_kv_heads"], meta["head_dim"]
+    groups = heads // kv
+    cos, sin = rope
+    mask_past, mask_new, split = masks
+    q = _op(graph, "RotaryEmbedding", seam["q"], "position_ids", cos, sin, domain=MS_DOMAIN, num_heads=heads,
+            interleaved=0)
+    q = _op(graph, "Mul", q, q_scale)  # [B, S, H*D]
+    q = _op(graph, "Transpose", _op(graph, "Reshape", q, graph.const([0, 0, kv, groups, dim])), perm=[0, 2, 3, 1, 4])
+    q = _op(graph, "Reshape", q, graph.const([0, kv, -1, dim]))  # [B, KV, G*S, D], row g*S + s
+    k = _op(graph, "RotaryEmbedding", seam["k"], "position_ids", cos, sin, domain=MS_DOMAIN, num_heads=kv,
+            interleaved=0)
+    new_k, new_v = f"{NEW_KEY}.{layer}", f"{NEW_VALUE}.{layer}"
+    for src, dst in ((k, new_k), (seam["v"], new_v)):
+        graph.add("Transpose", [_op(graph, "Reshape", src, graph.const([0, 0, kv, dim]))], [dst], perm=[0, 2, 1, 3])
+
+    def scores(keys: str, mask: str) -> str:
+        s = _op(graph, "FusedMatMul", q, keys, domain=MS_DOMAIN, transB=1)
+        if dtype != TensorProto.FLOAT:
+            s = _op(graph, "Cast", s, to=TensorProto.FLOAT)  # softmax in float32
+        return _op(graph, "Add", s, mask)
+
+    probs = _op(graph, "Softmax", _op(graph, "Concat", scores(seam["past_key"], mask_past), scores(new_k, mask_new),
+                                      axis=-1), axis=-1)
+    if dtype != TensorProto.FLOAT:
+        probs = _op(graph, "Cast", probs, to=dtype)
+    p_past, p_new = graph.fresh("p_past"), graph.fresh("p_new")
+    graph.add("Split", [probs, split], [p_past, p_new], axis=-1)
+    out = _op(graph, "Add", _op(graph, "MatMul", p_past, seam["past_value"]), _op(graph, "MatMul", p_new, new_v))
+    out = _op(graph, "Reshape", out, graph.const([0, kv, groups, -1, dim]))  # [B, KV, G, S, D]
+    out = _op(graph, "Transpose", out, perm=[0, 3, 1, 2, 4])  # [B, S, KV, G, D]
+    graph.add("Reshape", [out, graph.const([0, 0, heads * dim])], [seam["out"]])
+    return new_k, new_v
 
 
 def write_cpu_graph(decoder_path: str | Path, cfg: TextConfig, context_length: int,
@@ -75,27 +133,22 @@ def write_cpu_graph(decoder_path: str | Path, cfg: TextConfig, context_length: i
     dtype = past.type.tensor_type.elem_type
     graph = Graph(model, decoder_path)
     shared = shared_rope(graph, seams)
-    cos_cache, sin_cache = _rope_caches(graph, cfg, context_length, dtype)
+    rope = _rope_caches(graph, cfg, context_length, dtype)
     q_scale = graph.fresh("q_scale")  # [B, S, 1], broadcast over the heads
     graph.add("Reshape", [expanded_q_scale(graph, {**seams[0], **shared}), graph.const([0, -1, 1])], [q_scale])
-    seqlens, total = _lengths(graph, seams[0])
-    for seam in seams:
+    masks = _masks(graph, seams[0], meta["num_heads"] // meta["num_kv_heads"])
+    news = []
+    for layer, seam in enumerate(seams):
         for old in ("out", "present_key", "present_value"):  # the old block's ends; the rest is pruned
             graph.g.node.remove(graph.producer[seam[old]])
-        q = graph.fresh("q_scaled")
-        graph.add("Mul", [seam["q"], q_scale], [q])
-        graph.add("GroupQueryAttention", [q, seam["k"], seam["v"], seam["past_key"], seam["past_value"], seqlens,
-                                          total, cos_cache, sin_cache],
-                  [seam["out"], seam["present_key"], seam["present_value"]], domain=MS_DOMAIN,
-                  num_heads=meta["num_heads"], kv_num_heads=meta["num_kv_heads"], do_rotary=1,
-                  rotary_interleaved=0, scale=1.0)
+        news.append(_attention(graph, seam, meta, rope, q_scale, masks, layer, dtype))
     cache_shape = ["batch", meta["num_kv_heads"], ops.CACHE_DIM, meta["head_dim"]]
-    names = [(seam["past_key"], seam["present_key"]) for seam in seams] + \
-            [(seam["past_value"], seam["present_value"]) for seam in seams]
+    new_shape = ["batch", meta["num_kv_heads"], "seq", meta["head_dim"]]
     graph.replace_cache_io(
         seams,
         [helper.make_tensor_value_info(ops.PAST_LENGTHS, TensorProto.INT32, ["batch"])]
-        + [helper.make_tensor_value_info(past_name, dtype, cache_shape) for past_name, _ in names],
-        [helper.make_tensor_value_info(present, dtype, cache_shape) for _, present in names])
+        + [helper.make_tensor_value_info(seam[k], dtype, cache_shape) for k in ("past_key", "past_value")
+           for seam in seams],
+        [helper.make_tensor_value_info(name, dtype, new_shape) for pair in news for name in pair])
     return save_rewritten(graph, props, out_path, [helper.make_opsetid(MS_DOMAIN, 1)],
                           {"target": "onnxruntime", "attention": len(seams)})

@@ -52,7 +52,10 @@ class InPlaceCache:
         return next(iter(self.arrays.values())).shape[2]
 
 
-FIRST_CAPACITY = 256  # tokens; a cache doubles from here up to the package's context
+#: Buffers grow in steps of this many tokens (up to the package's context): the CPU graph reads
+#: the whole buffer every step, so unused room costs bandwidth, while a regrowth's copy, once per
+#: step size, costs little.
+CAPACITY_STEP = 256
 
 
 class OnnxRuntimeBackend:
@@ -81,6 +84,13 @@ class OnnxRuntimeBackend:
                                        providers=["CPUExecutionProvider"])
             for name, r in roles.items()
         }
+        if self.in_place and not any(o.name.startswith("new_key") for o in self.sessions["decoder"].get_outputs()):
+            log.warning("%s: its %s is from an older edge_sdk (a fused-attention graph this runtime no longer "
+                        "drives); running decoder.onnx instead. Rebuild the package for the faster CPU graph.",
+                        package_dir, manifest.graphs[role].file)
+            self.in_place = False
+            self.sessions["decoder"] = ort.InferenceSession(str(self.package_dir / manifest.graphs["decoder"].file),
+                                                            options, providers=["CPUExecutionProvider"])
         self.embeddings = EmbeddingTable.open(self.package_dir / manifest.graphs["embed"].file)
         decoder = self.sessions["decoder"]
         self.cache_names = [i.name for i in decoder.get_inputs() if i.name.startswith("past_key")
@@ -98,7 +108,7 @@ class OnnxRuntimeBackend:
 
     def new_cache(self) -> OrtCache | InPlaceCache:
         if self.in_place:
-            return self._buffers(min(FIRST_CAPACITY, self.context_length))
+            return self._buffers(min(CAPACITY_STEP, self.context_length))
         import onnxruntime as ort
 
         empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
@@ -139,18 +149,19 @@ class OnnxRuntimeBackend:
             raise ContextOverflowError(f"{cache.length} cached + {n} new tokens exceed the context of "
                                        f"{self.context_length} tokens")
         if need > cache.capacity:
-            capacity = cache.capacity
-            while capacity < need:
-                capacity *= 2
+            capacity = -(-need // CAPACITY_STEP) * CAPACITY_STEP
             cache = self._buffers(min(capacity, self.context_length), cache)
         binding.bind_cpu_input("past_lengths", np.array([cache.length], dtype=np.int32))
-        binding.bind_output("logits", "cpu")
-        for name, value in cache.values.items():  # one buffer, read and written in place
+        for name, value in cache.values.items():  # read in place: no copy of the cache
             binding.bind_ortvalue_input(name, value)
-            binding.bind_ortvalue_output(name.replace("past_", "present_"), value)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
         self.sessions["decoder"].run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        for name, value in zip(self.output_names[1:], outputs[1:]):  # this step's keys and values
+            cache.arrays[name.replace("new_", "past_")][:, :, cache.length:need] = value.numpy()
         cache.length = need
-        return binding.get_outputs()[0].numpy()[0], cache
+        return outputs[0].numpy()[0], cache
 
     def encode_audio(self, features: np.ndarray) -> np.ndarray:
         if "audio" not in self.sessions:
