@@ -56,6 +56,9 @@ class InPlaceCache:
 #: the whole buffer every step, so unused room costs bandwidth, while a regrowth's copy, once per
 #: step size, costs little.
 CAPACITY_STEP = 256
+#: The CPU graph runs a longer prompt in chunks of this many tokens: its attention scores take
+#: heads x chunk x (cache + chunk) floats, ~150 MB per layer at 256 tokens after 4,096.
+PREFILL_CHUNK = 256
 
 
 class OnnxRuntimeBackend:
@@ -127,6 +130,12 @@ class OnnxRuntimeBackend:
         return InPlaceCache(arrays, values, old.length if old is not None else 0)
 
     def forward(self, embeds: np.ndarray, position_ids: np.ndarray, cache: OrtCache | InPlaceCache):
+        if self.in_place and len(embeds) > PREFILL_CHUNK:  # the CPU graph's scores grow as chunk x context
+            for start in range(0, len(embeds) - PREFILL_CHUNK, PREFILL_CHUNK):
+                _, cache = self.forward(embeds[start:start + PREFILL_CHUNK],
+                                        position_ids[start:start + PREFILL_CHUNK], cache)
+            rest = (len(embeds) - 1) // PREFILL_CHUNK * PREFILL_CHUNK
+            return self.forward(embeds[rest:], position_ids[rest:], cache)
         session = self.sessions["decoder"]
         binding = session.io_binding()
         binding.bind_cpu_input("inputs_embeds", np.asarray(embeds, dtype=self.dtype).reshape(1, -1, embeds.shape[-1]))
