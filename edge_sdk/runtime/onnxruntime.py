@@ -5,9 +5,10 @@ artifact that ships. `accuracy_level` picks ONNX Runtime's MatMulNBits kernel fo
 4 quantizes activations to int8 (fast), 0 keeps them in float (exact, for golden tests).
 
 Two decoder forms, one interface:
-- `decoder.cpu.onnx` (CPU-profile packages; export/cpu_graph.py): fused GroupQueryAttention
-  over KV buffers this backend preallocates; each buffer is bound as both past and present, so
-  ONNX Runtime appends in place. A cache grows by doubling (one copy per doubling, not per step);
+- `decoder.cpu.onnx` (CPU-profile packages; export/cpu_graph.py): attention that reads KV
+  buffers this backend preallocates (bound without a copy) and returns the step's new keys and
+  values, which this backend writes into the buffers. They grow in 256-token steps (one copy
+  per step size, not per token); prompts are prefilled in 256-token chunks;
 - `decoder.onnx` (the standard graph, any package): past/present concatenated by the graph each
   step; presents are bound as the next step's pasts without a copy out to NumPy.
 `graph="decoder"` forces the standard one.
