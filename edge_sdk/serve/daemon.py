@@ -293,16 +293,20 @@ class Daemon:
         for job in jobs:
             log.info("cancel %s/%s (%s)", job.client, job.request_id, job.state)
 
-    def _op_watch(self, env: Envelope, req: WatchRequest) -> None:
+    def _register(self, registry: WatchManager | ListenManager, env: Envelope, req: Any) -> Any:
+        """A watch or listen job's registration; its spec (a new job's, or the existing one's)."""
         if self.scheduler.stopping:
             raise shutting_down()
-        job_id = env.reply.request_id
         try:
-            spec, _ = self.watch.register(env.client, job_id, req, env.reply.topic)
+            spec, _ = registry.register(env.client, env.reply.request_id, req, env.reply.topic)
         except Refusal as refusal:
             if refusal.code == "busy":
                 self.stats["rejected_busy"] += 1
             raise
+        return spec
+
+    def _op_watch(self, env: Envelope, req: WatchRequest) -> None:
+        spec, job_id = self._register(self.watch, env, req), env.reply.request_id
         self.publisher.event(env.reply, WatchRegistered(
             request_id=job_id, job_id=job_id, camera=spec.camera,
             events_topic=self.topics.watch_events(spec.camera, env.client, job_id), every_s=spec.every_s,
@@ -314,15 +318,7 @@ class Daemon:
             log.debug("watch_cancel from %s for %s: no such job", env.client, req.job_id)
 
     def _op_listen(self, env: Envelope, req: ListenRequest) -> None:
-        if self.scheduler.stopping:
-            raise shutting_down()
-        job_id = env.reply.request_id
-        try:
-            spec, _ = self.listen.register(env.client, job_id, req, env.reply.topic)
-        except Refusal as refusal:
-            if refusal.code == "busy":
-                self.stats["rejected_busy"] += 1
-            raise
+        spec, job_id = self._register(self.listen, env, req), env.reply.request_id
         self.publisher.event(env.reply, ListenRegistered(
             request_id=job_id, job_id=job_id, microphone=spec.microphone, model=spec.model,
             events_topic=self.topics.listen_events(spec.microphone, env.client, job_id),

@@ -31,8 +31,8 @@ from edge_sdk.protocol.models import (ERROR_STATUS, ListenEnd, ListenError, List
 from edge_sdk.protocol.topics import Topics
 from edge_sdk.serve.audio_streams import utterance_job
 from edge_sdk.serve.config import ServeSettings
+from edge_sdk.serve.job_registry import JobRegistry
 from edge_sdk.serve.scheduler import Job
-from edge_sdk.serve.transport import Refusal
 
 log = logging.getLogger("edge_sdk.serve.listen")
 
@@ -100,19 +100,18 @@ class _Ear:
     segmenters: dict[tuple[int, float], tuple[Any, int]] = field(default_factory=dict)  # -> (Segmenter, origin)
 
 
-class ListenManager:
+class ListenManager(JobRegistry):
     """Every client's listen jobs. It is handed the scheduler's ``enqueue``, ``publish`` (topic,
     event, qos, expiry) and ``vad_factory`` (a fresh SileroVad per segmenter)."""
 
     def __init__(self, settings: ServeSettings, topics: Topics, enqueue: Callable[[Job], bool],
                  publish: Callable[..., Any], vad_factory: Callable[[], Any]):
+        super().__init__("listen", "max_listen_jobs", settings.max_listen_jobs)
         self.s = settings
         self.topics = topics
         self.enqueue = enqueue
         self.publish = publish
         self.vad_factory = vad_factory
-        self._lock = threading.Lock()
-        self._jobs: dict[tuple[str, str], ListenJob] = {}
         self._runs: list[_Run] = []
         self._ears: dict[str, _Ear] = {}
         self._errors: dict[str, str] = {}
@@ -125,9 +124,6 @@ class ListenManager:
 
     def __contains__(self, name: object) -> bool:
         return name in self.s.microphones
-
-    def __len__(self) -> int:
-        return len(self._jobs)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -167,36 +163,14 @@ class ListenManager:
                           language=req.language, end_silence_ms=req.end_silence_ms,
                           max_utterance_s=req.max_utterance_s, max_tokens=req.max_tokens, priority=req.priority,
                           expires_at=time.time() + req.expires_s if req.expires_s else None, reply_topic=reply_topic)
-        with self._lock:
-            old = self._jobs.get((client, job_id))
-            if old is not None:
-                return old.spec, False
-            if len(self._jobs) >= self.s.max_listen_jobs:
-                raise Refusal("busy", f"{len(self._jobs)} listen jobs already run (max_listen_jobs "
-                                      f"{self.s.max_listen_jobs})")
-            self._jobs[(client, job_id)] = ListenJob(spec)
+        job, created = self._add((client, job_id), ListenJob(spec))
+        if not created:
+            return job.spec, False
         log.info("listen job %s/%s on microphone %s", client, job_id, spec.microphone)
         if spec.microphone in self._errors:
-            self._error(self._jobs[(client, job_id)], "microphone_unavailable",
+            self._error(job, "microphone_unavailable",
                         f"microphone {spec.microphone!r} failed to start: {self._errors[spec.microphone]}")
         return spec, True
-
-    def cancel(self, client: str, job_id: str) -> bool:
-        with self._lock:
-            job = self._jobs.get((client, job_id))
-        if job is None:
-            return False
-        self._end(job, "cancelled")
-        return True
-
-    def cancel_client(self, client: str, reply_to: str | None = None) -> int:
-        """All of ``client``'s jobs; with ``reply_to`` (a Last Will) only those registered with it."""
-        with self._lock:
-            jobs = [j for j in self._jobs.values()
-                    if j.spec.client == client and (reply_to is None or j.spec.reply_topic == reply_to)]
-        for job in jobs:
-            self._end(job, "cancelled")
-        return len(jobs)
 
     def _end(self, job: ListenJob, reason: str) -> None:
         with self._lock:

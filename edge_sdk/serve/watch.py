@@ -35,8 +35,8 @@ from edge_sdk.protocol.models import ERROR_STATUS, ChatRequest, Result, WatchEnd
 from edge_sdk.protocol.topics import Topics
 from edge_sdk.serve.cameras import CameraHub, ImageRejected, grey_thumb, scene_change
 from edge_sdk.serve.config import ServeSettings
+from edge_sdk.serve.job_registry import JobRegistry
 from edge_sdk.serve.scheduler import WATCH_PRIORITY, Job
-from edge_sdk.serve.transport import Refusal
 
 log = logging.getLogger("edge_sdk.serve.watch")
 
@@ -85,19 +85,18 @@ class WatchJob:
         return (self.spec.client, self.spec.job_id)
 
 
-class WatchManager:
+class WatchManager(JobRegistry):
     """The watch jobs of every client. It is handed what it uses: the cameras, ``enqueue`` (the
     scheduler's: queue one run, False when full) and ``publish`` (topic, event, qos, expiry)."""
 
     def __init__(self, settings: ServeSettings, topics: Topics, hub: CameraHub, enqueue: Callable[[Job], bool],
                  publish: Callable[..., Any]):
+        super().__init__("watch", "max_watch_jobs", settings.max_watch_jobs)
         self.s = settings
         self.topics = topics
         self.hub = hub
         self.enqueue = enqueue
         self.publish = publish
-        self._lock = threading.Lock()
-        self._jobs: dict[tuple[str, str], WatchJob] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.stats = {"runs": 0, "skipped": 0}
@@ -119,9 +118,6 @@ class WatchManager:
     def thread(self) -> threading.Thread | None:
         return self._thread
 
-    def __len__(self) -> int:
-        return len(self._jobs)
-
     def jobs(self) -> list[WatchSpec]:
         with self._lock:
             return [j.spec for j in self._jobs.values()]
@@ -138,37 +134,19 @@ class WatchManager:
                          system=req.system, max_tokens=req.max_tokens, temperature=req.temperature, seed=req.seed,
                          expires_at=now + req.expires_s if req.expires_s else None, persistent=req.persistent,
                          reply_topic=reply_topic, created_at=now)
-        with self._lock:
-            old = self._jobs.get((client, job_id))
-            if old is not None:
-                return old.spec, False
-            if len(self._jobs) >= s.max_watch_jobs:
-                raise Refusal("busy", f"{len(self._jobs)} watch jobs already run (max_watch_jobs "
-                                      f"{s.max_watch_jobs})")
-            self._jobs[(client, job_id)] = WatchJob(spec, next_due=time.monotonic())
+        job, created = self._add((client, job_id), WatchJob(spec, next_due=time.monotonic()))
+        if not created:
+            return job.spec, False
         log.info("watch job %s/%s: every %.2f s%s on camera %s%s", client, job_id, spec.every_s,
                  " on change" if spec.on_change else "", spec.camera, " (persistent)" if spec.persistent else "")
         if spec.persistent:
             self._save()
         return spec, True
 
-    def cancel(self, client: str, job_id: str) -> bool:
-        with self._lock:
-            job = self._jobs.get((client, job_id))
-        if job is None:
-            return False
-        self._end(job, "cancelled")
-        return True
-
-    def cancel_client(self, client: str, reply_to: str | None = None) -> int:
-        """All of ``client``'s jobs; with ``reply_to`` (a Last Will) only its non-persistent jobs
-        registered with that reply topic."""
-        with self._lock:
-            jobs = [j for j in self._jobs.values() if j.spec.client == client and (
-                reply_to is None or (not j.spec.persistent and j.spec.reply_topic == reply_to))]
-        for j in jobs:
-            self._end(j, "cancelled")
-        return len(jobs)
+    @staticmethod
+    def _ends_with_client(job: WatchJob, reply_to: str) -> bool:
+        """A persistent job outlives its client; others end with the client registered with ``reply_to``."""
+        return not job.spec.persistent and job.spec.reply_topic == reply_to
 
     def _end(self, job: WatchJob, reason: str) -> None:
         with self._lock:
