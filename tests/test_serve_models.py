@@ -85,3 +85,28 @@ def test_memory_of_all_packages_is_checked_before_loading(text_package, voxtral_
     assert serve([str(p) for p in packages], device_id="mem-check") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("edge-sdk serve: the packages need")
+
+
+@pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
+def test_the_serve_command_takes_several_named_packages(text_package, voxtral_model, mosquitto):  # noqa: F811
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "edge_sdk.cli", "serve", str(text_package), f"speech={voxtral_model.package_dir}",
+           "--host", mosquitto.host, "--port", str(mosquitto.port), "--device-id", "two-models"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        with Client(mosquitto.host, mosquitto.port, "two-models", timeout=30, status_wait=30) as c:
+            deadline = time.monotonic() + 60
+            while c.wait_status(1.0) != "online" and time.monotonic() < deadline:
+                pass
+            caps = c.capabilities()
+            names = [m.name for m in caps.models]
+            assert names[1] == "speech" and names[0] == edge_sdk.load(text_package).capabilities()["model"]
+            assert c.transcribe(_speech(), max_tokens=4).usage.completion_tokens >= 1
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0].decode()
+    assert proc.returncode == 0, out
+    assert "serving " in out and "speech (text, audio)" in out
