@@ -72,12 +72,13 @@ class DecoderGraph:
         return self.g.const(value, _np_dtype(self.dtype))
 
     def _rms_norm(self, x: str, weight_name: str) -> str:
-        """RMSNorm with the variance in float32 whatever the compute dtype."""
+        """RMSNorm with the variance in float32 whatever the compute dtype. Written as
+        x / sqrt(mean(x^2) + eps), the form ONNX Runtime fuses into one SimplifiedLayerNormalization."""
         g = self.g
         x32 = self._to_f32(x)
-        var = g.op("ReduceMean", g.op("Mul", x32, x32), g.const([-1]), keepdims=1)
-        inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(self.cfg.rms_norm_eps, np.float32))))
-        normed = self._to_compute(g.op("Mul", x32, inv))
+        var = g.op("ReduceMean", g.op("Pow", x32, g.const(2.0, np.float32)), g.const([-1]), keepdims=1)
+        rms = g.op("Sqrt", g.op("Add", var, g.const(self.cfg.rms_norm_eps, np.float32)))
+        normed = self._to_compute(g.op("Div", x32, rms))
         w = g.weight(self.tensors[weight_name].astype(_np_dtype(self.dtype)), weight_name)
         return g.op("Mul", normed, w)
 
