@@ -62,6 +62,15 @@ CAPACITY_STEP = 256
 PREFILL_CHUNK = 256
 
 
+def _drives(cpu_graph: Path) -> bool:
+    """Whether ``cpu_graph`` is the CPU graph this backend drives (it returns each step's keys and
+    values as ``new_key.{i}``), read from the graph alone, without its weights."""
+    import onnx
+
+    outputs = onnx.load(str(cpu_graph), load_external_data=False).graph.output
+    return any(o.name.startswith("new_key") for o in outputs)
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
@@ -80,6 +89,11 @@ class OnnxRuntimeBackend:
         role = graph or ("decoder_cpu" if "decoder_cpu" in manifest.graphs else "decoder")
         if role not in ("decoder", "decoder_cpu") or role not in manifest.graphs:
             raise ValueError(f"{package_dir}: no {role!r} graph to run (graphs: {', '.join(manifest.graphs)})")
+        if role == "decoder_cpu" and not _drives(self.package_dir / manifest.graphs[role].file):
+            log.warning("%s: its %s is from an older edge_sdk (a fused-attention graph this runtime no longer "
+                        "drives); running decoder.onnx instead. Rebuild the package for the faster CPU graph.",
+                        package_dir, manifest.graphs[role].file)
+            role = "decoder"
         self.in_place = role == "decoder_cpu"
         self.context_length = manifest.context_length
         roles = {"decoder": role, **{r: r for r in ("vision", "audio") if r in manifest.graphs}}
@@ -88,13 +102,6 @@ class OnnxRuntimeBackend:
                                        providers=["CPUExecutionProvider"])
             for name, r in roles.items()
         }
-        if self.in_place and not any(o.name.startswith("new_key") for o in self.sessions["decoder"].get_outputs()):
-            log.warning("%s: its %s is from an older edge_sdk (a fused-attention graph this runtime no longer "
-                        "drives); running decoder.onnx instead. Rebuild the package for the faster CPU graph.",
-                        package_dir, manifest.graphs[role].file)
-            self.in_place = False
-            self.sessions["decoder"] = ort.InferenceSession(str(self.package_dir / manifest.graphs["decoder"].file),
-                                                            options, providers=["CPUExecutionProvider"])
         self.embeddings = EmbeddingTable.open(self.package_dir / manifest.graphs["embed"].file)
         decoder = self.sessions["decoder"]
         self.cache_names = [i.name for i in decoder.get_inputs() if i.name.startswith("past_key")

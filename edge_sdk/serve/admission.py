@@ -42,7 +42,7 @@ class Admission:
     """Judges requests against ``settings``, the ``models`` (and routes each to one of them: the
     request's ``model`` is set to its name), the cameras in ``hub`` and the ``microphones``."""
 
-    def __init__(self, settings: ServeSettings, models: ModelSet, hub: CameraHub, microphones: Any = ()):
+    def __init__(self, settings: ServeSettings, models: ModelSet, hub: CameraHub, microphones: Any):
         self.s = settings
         self.models = models
         self.hub = hub
