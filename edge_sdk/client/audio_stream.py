@@ -31,9 +31,9 @@ def _pcm16(audio: Any) -> bytes:
     """float32 samples -> PCM16 little-endian bytes; bytes pass as they are."""
     if isinstance(audio, (bytes, bytearray, memoryview)):
         return bytes(audio)
-    import numpy as np
+    from edge_sdk.media.audio import to_pcm16
 
-    return (np.clip(np.asarray(audio, dtype=np.float32), -1, 1) * 32767).astype("<i2").tobytes()
+    return to_pcm16(audio)
 
 
 class _AudioStreamBase:

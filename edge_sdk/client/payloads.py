@@ -97,10 +97,12 @@ def encode_audio_input(audio: Any, mime: str | None = None) -> tuple[bytes, str]
             raise TypeError(f"audio must be a path, bytes or a numpy array, not {type(audio).__name__}")
         import numpy as np
 
+        from edge_sdk.media.audio import to_pcm16
+
         arr = np.asarray(audio, dtype=np.float32)
         if arr.ndim != 1:
             raise ValueError(f"an audio array must be 1-D samples at 16 kHz, got shape {arr.shape}")
-        return (np.clip(arr, -1, 1) * 32767).astype("<i2").tobytes(), "audio/pcm;rate=16000"
+        return to_pcm16(arr), "audio/pcm;rate=16000"
     mime = mime or sniff_mime(data)
     if mime is None or not mime.startswith("audio/"):
         raise ValueError("cannot tell the audio format from its bytes: pass mime (e.g. 'audio/pcm;rate=16000')")

@@ -50,6 +50,17 @@ def _pcm_format(mime: str) -> tuple[int, int, str] | None:
     return int(params["rate"]), int(params.get("channels", 1)), order
 
 
+def to_pcm16(samples: np.ndarray) -> bytes:
+    """Float samples in [-1, 1] -> PCM16 little-endian bytes (clipped): what audio streams and
+    ``audio/pcm`` payloads carry."""
+    return (np.clip(np.asarray(samples, dtype=np.float32), -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def from_pcm16(data: bytes, byteorder: str = "<") -> np.ndarray:
+    """PCM16 bytes (``<`` little-endian, ``>`` big-endian) -> float32 samples in [-1, 1)."""
+    return np.frombuffer(data, dtype=f"{byteorder}i2").astype(np.float32) / 32768.0
+
+
 def load_audio(source: AudioInput, mime: str | None = None, *, max_seconds: float = DEFAULT_MAX_SECONDS,
                name: str | None = None) -> np.ndarray:
     """16 kHz mono float32 in [-1, 1] from ``source`` (see the module docstring)."""
@@ -65,7 +76,7 @@ def load_audio(source: AudioInput, mime: str | None = None, *, max_seconds: floa
         if len(data) % (2 * channels):
             raise AudioError(f"{label}: {len(data)} bytes is not a whole number of 16-bit frames of "
                              f"{channels} channel(s): truncated?")
-        samples = np.frombuffer(data, dtype=f"{order}i2").astype(np.float32).reshape(-1, channels) / 32768.0
+        samples = from_pcm16(data, order).reshape(-1, channels)
         samples = samples.mean(axis=1)
     else:
         samples, rate = _decode_file(source, label)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, load_audio
+from .audio import SAMPLE_RATE, from_pcm16, load_audio
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class Microphone:
                     err = self._proc.stderr.read().decode(errors="replace").strip() if self._proc.poll() is not None else ""
                     self.last_error = f"{self.command[0]} stopped" + (f": {err.splitlines()[-1]}" if err else "")
                     return
-                yield np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+                yield from_pcm16(data)
         finally:
             _stop_process(self._proc)
 

@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 from pydantic import BaseModel
 
+from edge_sdk.media.audio import from_pcm16, to_pcm16
 from edge_sdk.protocol.models import STREAM_AUDIO_MIME, AudioSource, AudioStreamRequest, StreamEvent, TranscribeRequest
 from edge_sdk.serve.config import ServeSettings
 from edge_sdk.serve.scheduler import Job
@@ -36,8 +37,7 @@ def utterance_job(client: str, request_id: str, samples: np.ndarray, language: s
     else one terminal event (a listen job's run)."""
     req = TranscribeRequest(request_id=request_id, model=model, audio=AudioSource(payload=True, mime=STREAM_AUDIO_MIME),
                             language=language, max_tokens=max_tokens, stream=reply is not None, priority=priority)
-    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
-    return Job(client, request_id, req, send, time.monotonic(), None, priority, reply=reply, attachment=pcm,
+    return Job(client, request_id, req, send, time.monotonic(), None, priority, reply=reply, attachment=to_pcm16(samples),
                model=model)
 
 
@@ -149,7 +149,7 @@ class AudioStreams:
             return  # a QoS 1 re-delivery
         st.gaps += seq - st.last_seq - 1
         st.last_seq = seq
-        samples = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+        samples = from_pcm16(data)
         self._events(st, st.segmenter.feed(samples))
 
     def _events(self, st: _Stream, events) -> None:
