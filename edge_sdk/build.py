@@ -65,9 +65,11 @@ def default_output(checkpoint_dir: Path, recipe: QuantRecipe, device: str) -> Pa
 
 def build(checkpoint: str | Path, recipe: QuantRecipe, device: str = "cpu", out: str | Path | None = None,
           tokenizer: str | Path | None = None, context_length: int | None = None, progress: bool = True,
-          plugins: bool = True) -> Path:
+          plugins: bool = True, head_rows: bool | None = None) -> Path:
     """Build an engine package and return its directory. For TensorRT profiles the package also
-    gets the plugin graph (decoder.plugins.onnx) unless ``plugins`` is False."""
+    gets the plugin graph (decoder.plugins.onnx) unless ``plugins`` is False. ``head_rows``: store
+    an INT4 head in ONNX Runtime's rows form (export/decoder.py); by default on ONNX Runtime
+    profiles, as the W^T form the TensorRT plugin reads elsewhere."""
     ckpt_dir = Path(checkpoint)
     ckpt = open_checkpoint(ckpt_dir)
     profile = load_profile(device)
@@ -92,7 +94,8 @@ def build(checkpoint: str | Path, recipe: QuantRecipe, device: str = "cpu", out:
 
     cfg = ckpt.config
     dtype = profile.compute_dtype
-    decoder = export_decoder(cfg.text, quantized.tensors, quantized.linears, out_dir, dtype, head=quantized.head)
+    decoder = export_decoder(cfg.text, quantized.tensors, quantized.linears, out_dir, dtype, head=quantized.head,
+                             head_rows=profile.backend == "onnxruntime" if head_rows is None else head_rows)
     table = quantized.embedding if quantized.embedding is not None else quantized.tensors["embed_tokens.weight"]
     export_embedding(table, out_dir, dtype, tied_to=decoder if quantized.tied else None)
     graphs = {"embed": graph_entry(out_dir, "embed.onnx"), "decoder": graph_entry(out_dir, "decoder.onnx")}

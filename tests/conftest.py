@@ -48,19 +48,20 @@ def tiny_checkpoints(tmp_path_factory, tiny_tekken_path):
 
 @pytest.fixture(scope="session")
 def build_package(tmp_path_factory):
-    """build_package(checkpoint_dir, quant="none", **recipe) -> package dir, cached per arguments."""
+    """build_package(checkpoint_dir, quant="none", device="cpu", head_rows=None, **recipe) -> package
+    dir, cached per arguments."""
     from edge_sdk.build import build
     from edge_sdk.quant import QuantRecipe
 
     root = tmp_path_factory.mktemp("pkg")
     cache = {}
 
-    def _build(checkpoint, quant="none", device="cpu", **recipe):
-        key = (str(checkpoint), quant, device, tuple(sorted(recipe.items())))
+    def _build(checkpoint, quant="none", device="cpu", head_rows=None, **recipe):
+        key = (str(checkpoint), quant, device, head_rows, tuple(sorted(recipe.items())))
         if key not in cache:
             out = root / f"p{len(cache)}"
             cache[key] = build(checkpoint, QuantRecipe(method=quant, **recipe), device=device, out=out,
-                               progress=False)
+                               progress=False, head_rows=head_rows)
         return cache[key]
 
     return _build

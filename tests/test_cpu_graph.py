@@ -14,7 +14,8 @@ from edge_sdk.runtime.types import ContextOverflowError
 N_NEW = 60  # positions 12 .. 72: past the 16/32/48/64 query-scale steps of the tiny config
 
 
-@pytest.mark.parametrize("quant,recipe", [("none", {}), ("int4", dict(block_size=32)), ("fp8", {})])
+@pytest.mark.parametrize("quant,recipe", [("none", {}), ("int4", dict(block_size=32)), ("fp8", {}),
+                                          ("int4", dict(block_size=32, head="int4"))])  # + the MatMulNBits head
 def test_cpu_graph_matches_standard_graph(tiny_checkpoints, build_package, monkeypatch, quant, recipe):
     monkeypatch.setattr(ort_backend, "CAPACITY_STEP", 16)  # 16 -> 32 -> ... -> 80 within the run
     monkeypatch.setattr(ort_backend, "PREFILL_CHUNK", 3)  # the 7- and 5-token prefills run as 3 + 3 + 1, 3 + 2

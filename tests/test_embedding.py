@@ -44,12 +44,14 @@ def test_int4_table_dequantizes_only_the_rows(tmp_path, dtype):
     np.testing.assert_array_equal(_ort_rows(path, IDS), want.astype(dtype).astype(np.float32))
 
 
-def test_tied_table_is_the_decoder_head(tiny_checkpoints, build_package):
-    """A tied checkpoint's package stores the INT4 head once: embed.onnx has no data of its own
-    and its table is the decoder's head, whose rows the lookup returns."""
+@pytest.mark.parametrize("head", ["auto", "int4"])  # auto picks INT8 here; INT4 is in the rows form
+def test_tied_table_is_the_decoder_head(tiny_checkpoints, build_package, head):
+    """A tied checkpoint's package stores the quantized head once: embed.onnx has no data of its
+    own and its table is the decoder's head, whose rows the lookup returns, as ONNX Runtime
+    running embed.onnx does."""
     import onnx
 
-    pkg = build_package(tiny_checkpoints["mm_tied"], "int4", block_size=32)
+    pkg = build_package(tiny_checkpoints["mm_tied"], "int4", block_size=32, head=head)
     assert not (pkg / "embed.onnx.data").exists()
     embed = onnx.load(str(pkg / "embed.onnx"), load_external_data=False)
     assert {e.value for t in embed.graph.initializer for e in t.external_data if e.key == "location"} == \
@@ -57,9 +59,11 @@ def test_tied_table_is_the_decoder_head(tiny_checkpoints, build_package):
     from edge_sdk.models.checkpoint import open_checkpoint
     from edge_sdk.quant import QuantRecipe, quantize
 
-    qm = quantize(open_checkpoint(tiny_checkpoints["mm_tied"]), QuantRecipe(method="int4", block_size=32),
+    qm = quantize(open_checkpoint(tiny_checkpoints["mm_tied"]), QuantRecipe(method="int4", block_size=32, head=head),
                   progress=False)
     assert qm.embedding is qm.head
     ids = np.arange(0, qm.config.text.vocab_size, 97)
-    np.testing.assert_array_equal(EmbeddingTable.open(pkg / "embed.onnx").lookup(ids),
-                                  qm.tensors["embed_tokens.weight"][ids])
+    table = EmbeddingTable.open(pkg / "embed.onnx")
+    assert table.rows == (head == "int4")
+    np.testing.assert_array_equal(table.lookup(ids), qm.tensors["embed_tokens.weight"][ids])
+    np.testing.assert_array_equal(_ort_rows(pkg / "embed.onnx", ids), qm.tensors["embed_tokens.weight"][ids])

@@ -46,7 +46,8 @@ CASES = {
     # name: (shape, quant, device, recipe, logit tolerance relative to the largest logit)
     "float-text": ("text", "none", "cpu", {}, 1e-5),
     "int4-mm-tied": ("mm_tied", "int4", "cpu", dict(block_size=32), 1e-5),
-    "int4-head-text": ("text", "int4", "cpu", dict(block_size=32, head="int4"), 1e-5),
+    # the head in the W^T form the plugin reads (CPU profiles store it in ONNX Runtime's rows form)
+    "int4-head-text": ("text", "int4", "cpu", dict(block_size=32, head="int4", head_rows=False), 1e-5),
     "fp8-text": ("text", "fp8", "cpu", {}, 1e-5),
     # float16, as a GPU profile exports it: both graphs round to fp16, in different places
     "int4-orin-fp16": ("mm_tied", "int4", "orin-nano-8gb", dict(block_size=32), 5e-3),
@@ -72,7 +73,7 @@ def test_plugin_graph_matches_standard_graph(tiny_checkpoints, build_package, ca
 
 
 def test_rewrite_replaces_every_int4_linear_and_attention(tiny_checkpoints, build_package):
-    pkg = build_package(tiny_checkpoints["text"], "int4", block_size=32, head="int4")
+    pkg = build_package(tiny_checkpoints["text"], "int4", block_size=32, head="int4", head_rows=False)
     model = onnx.load(str(write_plugin_graph(pkg / "decoder.onnx")), load_external_data=False)
     layers = 2
     kinds = [n.op_type for n in model.graph.node]
@@ -88,6 +89,13 @@ def test_rewrite_replaces_every_int4_linear_and_attention(tiny_checkpoints, buil
     names = [i.name for i in model.graph.input]
     assert ops.PAST_LENGTHS in names and not any(n.startswith("past_key") for n in names)
     assert [o.name for o in model.graph.output] == ["logits"] + [ops.cache_output(i) for i in range(layers)]
+
+
+def test_rewrite_refuses_the_onnx_runtime_head_form(tiny_checkpoints, build_package):
+    pkg = build_package(tiny_checkpoints["text"], "int4", block_size=32, head="int4")  # a CPU profile's package
+    with pytest.raises(RewriteError, match=r"decoder\.onnx: lm_head\.qweight is in ONNX Runtime's rows form .* "
+                                           r"build it for a TensorRT profile"):
+        write_plugin_graph(pkg / "decoder.onnx")
 
 
 def test_rewrite_refuses_a_graph_without_seams(tmp_path, tiny_checkpoints, build_package):

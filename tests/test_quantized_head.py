@@ -1,7 +1,8 @@
 """The quantized LM head and token table: the engine matches its own dequantized reference at
-the INT4 engines' tolerance, the head is a DequantizeLinear -> MatMul (what ONNX Runtime runs as
-MatMulNBits and TensorRT as a weight-only GEMM), a tied model stores the matrix once, and the
-build reports the head's agreement with the float head."""
+the INT4 engines' tolerance, the head is a DequantizeLinear -> MatMul (TensorRT's weight-only
+GEMM; on CPU profiles the INT4 one is in the rows form that the CPU graph runs as one MatMulNBits
+over the same bytes), a tied model stores the matrix once, and the build reports the head's
+agreement with the float head."""
 
 from __future__ import annotations
 
@@ -37,10 +38,12 @@ def test_head_engine_matches_dequantized_reference(tiny_checkpoints, build_packa
         assert qm.head is None and "head_report" not in model.manifest.extra
         assert inits["lm_head.weight_t"].data_type == onnx.TensorProto.FLOAT
         return
-    want = onnx.TensorProto.INT4 if head == "int4" else onnx.TensorProto.INT8
-    assert inits["lm_head.qweight_t"].data_type == want
-    dq = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "lm_head.qweight_t")
-    assert any(n.op_type == "MatMul" and dq.output[0] in n.input for n in graph.node)
+    if head == "int4":
+        _assert_rows_head(pkg, inits)
+    else:
+        assert inits["lm_head.qweight_t"].data_type == onnx.TensorProto.INT8
+        dq = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "lm_head.qweight_t")
+        assert any(n.op_type == "MatMul" and dq.output[0] in n.input for n in graph.node)
     rep = model.manifest.extra["head_report"]
     assert rep["format"] == head and 0 <= rep["top1_agreement"] <= 1 and rep["tokens"] > 0
     print(f"{shape} {head} head: top-1 agreement {rep['top1_agreement']:.3f}, "
@@ -48,6 +51,23 @@ def test_head_engine_matches_dequantized_reference(tiny_checkpoints, build_packa
     tied = shape == "mm_tied"
     assert (qm.embedding is qm.head) == tied
     assert (pkg / "embed.onnx.data").exists() != tied  # tied: the table is the decoder's head
+
+
+def _assert_rows_head(pkg, inits):
+    """decoder.onnx: W [vocab, hidden] uint4 -> DequantizeLinear(axis 1) -> Transpose -> MatMul;
+    decoder.cpu.onnx: one MatMulNBits whose weight is those very bytes of decoder.onnx.data."""
+    weight = inits["lm_head.qweight"]
+    assert weight.data_type == onnx.TensorProto.UINT4 and weight.data_location == onnx.TensorProto.EXTERNAL
+    cpu = onnx.load(str(pkg / "decoder.cpu.onnx"), load_external_data=False).graph
+    cpu_inits = {t.name: t for t in cpu.initializer}
+    nbits = [n for n in cpu.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 1
+    assert not any(n.op_type == "DequantizeLinear" and n.input[0] == "lm_head.qweight" for n in cpu.node)
+    view = cpu_inits[nbits[0].input[1]]
+    assert {e.key: e.value for e in view.external_data} == {e.key: e.value for e in weight.external_data}
+    n, k = weight.dims
+    block = next(a.i for a in nbits[0].attribute if a.name == "block_size")
+    assert list(view.dims) == [n, k // block, block // 2]
 
 
 def test_int8_head_agrees_more_and_auto_picks_by_agreement(tiny_checkpoints, build_package):

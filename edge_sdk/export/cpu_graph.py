@@ -18,6 +18,10 @@ Per layer:
   GroupQueryAttention reads it G times: at 4,096 tokens of context that was a third of a step).
 - The step's new keys and values are outputs (``new_key.{i}``/``new_value.{i}`` [B, KV, S, D]);
   the backend writes them into the buffers after the step (runtime/onnxruntime.py).
+
+An INT4 head in the rows form (export/decoder.py) becomes one ``com.microsoft.MatMulNBits`` over
+the same bytes: ONNX Runtime prepacks it as it is, without first rearranging a copy. Its
+``accuracy_level`` is the backend's to set at load.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ from onnx import TensorProto, helper, numpy_helper
 from ..models.config import TextConfig
 from ..models.ministral3 import rope_cos_sin
 from ..plugins import ops
-from .decoder import NEG_INF
-from .graph_rewrite import Graph, beside, expanded_q_scale, load_decoder, save_rewritten, shared_rope
+from .decoder import HEAD_NAMES, NEG_INF
+from .graph_rewrite import Graph, beside, byte_view, expanded_q_scale, load_decoder, save_rewritten, shared_rope
 
 CPU_GRAPH = "decoder.cpu.onnx"
 MS_DOMAIN = "com.microsoft"
@@ -122,6 +126,24 @@ def _attention(graph: Graph, seam: dict[str, str], meta: dict, rope: tuple[str, 
     return new_k, new_v
 
 
+def _rows_head(graph: Graph) -> bool:
+    """MatMul(x, Transpose(DequantizeLinear(uint4 W [N, K], scales, 8s, axis=1))) -> MatMulNBits."""
+    weight, scales, _ = HEAD_NAMES["int4_rows"]
+    if weight not in graph.inits:
+        return False
+    w = graph.inits[weight]
+    dq = graph.consumers[weight][0]
+    matmul = graph.consumers[graph.consumers[dq.output[0]][0].output[0]][0]
+    block = next(a.i for a in dq.attribute if a.name == "block_size")
+    n, k = w.dims
+    view = byte_view(w, TensorProto.UINT8, [n, k // block, block // 2])
+    graph.g.initializer.append(view)
+    graph.g.node.remove(matmul)  # the DequantizeLinear and Transpose before it are pruned
+    graph.add("MatMulNBits", [matmul.input[0], view.name, scales], list(matmul.output), domain=MS_DOMAIN,
+              K=k, N=n, bits=4, block_size=block, accuracy_level=4)
+    return True
+
+
 def write_cpu_graph(decoder_path: str | Path, cfg: TextConfig, context_length: int,
                     out_path: str | Path | None = None) -> Path:
     """Derive ``decoder.cpu.onnx`` beside ``decoder_path``; RoPE caches cover ``context_length``."""
@@ -150,5 +172,6 @@ def write_cpu_graph(decoder_path: str | Path, cfg: TextConfig, context_length: i
         + [helper.make_tensor_value_info(seam[k], dtype, cache_shape) for k in ("past_key", "past_value")
            for seam in seams],
         [helper.make_tensor_value_info(name, dtype, new_shape) for pair in news for name in pair])
+    rows_head = _rows_head(graph)
     return save_rewritten(graph, props, out_path, [helper.make_opsetid(MS_DOMAIN, 1)],
-                          {"target": "onnxruntime", "attention": len(seams)})
+                          {"target": "onnxruntime", "attention": len(seams), "matmul_nbits_head": rows_head})

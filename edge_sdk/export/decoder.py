@@ -9,6 +9,12 @@ Linears come out in one of three forms, chosen by what the quantizer produced:
 - float: `MatMul(x, W^T)`;
 - INT4: `DequantizeLinear(int4 W^T, scales, axis=0, block_size)` -> `MatMul` (ONNX Runtime fuses
   this into MatMulNBits; TensorRT into its INT4 weight-only GEMM);
+- the INT4 head of an ONNX Runtime package (``head_rows``): `DequantizeLinear(uint4 W, scales,
+  zero points 8, axis=1, block_size)` -> `Transpose` -> `MatMul`. W [vocab, hidden] holds each
+  code + 8: the bytes ONNX Runtime's MatMulNBits reads as they are (the CPU graph runs it so,
+  export/cpu_graph.py), and a token's embedding row is contiguous for the host lookup of a
+  tied model. The W^T form would be rearranged at load into a second 0.2 GB copy for 3B, and
+  the lookups would touch every page of the file's copy;
 - FP8: `QuantizeLinear/DequantizeLinear(x)` in float8e4m3fn with the static input scale, and
   `DequantizeLinear(fp8 W^T, weight_scale)` -> `MatMul`.
 Linears that share an input (q/k/v, gate/up) are one MatMul over their weights side by side and a
@@ -26,8 +32,7 @@ from onnx import TensorProto, helper
 
 from ..models.config import TextConfig
 from ..models.ministral3 import LINEARS
-from ..quant.int4 import pack_int4
-from ..quant.int4 import Int4Linear
+from ..quant.int4 import Int4Linear, pack_int4, pack_uint4
 from ..quant.int8 import Int8Linear
 from .onnx_builder import GraphBuilder
 
@@ -51,11 +56,12 @@ class DecoderGraph:
     """Builds the decoder graph from a config and quantized weights (`tensors` + `linears`)."""
 
     def __init__(self, cfg: TextConfig, tensors: Mapping[str, np.ndarray], linears: Mapping[str, object],
-                 path: Path, dtype: str = "float32", head: object | None = None):
+                 path: Path, dtype: str = "float32", head: object | None = None, head_rows: bool = False):
         self.cfg = cfg
         self.tensors = tensors
         self.linears = linears
         self.head = head  # an Int4Linear [vocab, hidden], or None: the float tensors["lm_head.weight"]
+        self.head_rows = head_rows and isinstance(head, Int4Linear)
         self.dtype = dtype
         self.onnx_dtype = TensorProto.FLOAT if dtype == "float32" else TensorProto.FLOAT16
         self.g = GraphBuilder("ministral3_decoder", path)
@@ -102,6 +108,16 @@ class DecoderGraph:
         w_scale = g.weight(ws.reshape(ws.shape if ws.size > 1 else ()), f"{name}.weight_scale")
         wdq = g.op("DequantizeLinear", wq, w_scale, axis=1) if ws.size > 1 else g.op("DequantizeLinear", wq, w_scale)
         return g.op("MatMul", xdq, wdq)
+
+    def _rows_linear(self, x: str, name: str, lin: Int4Linear) -> str:
+        """An INT4 linear with W [out, in] stored as unsigned codes (code + 8, zero point 8)."""
+        g = self.g
+        w = g.raw(f"{name}.{ROWS_SUFFIXES[0]}", TensorProto.UINT4, lin.q.shape, pack_uint4(lin.q).data)
+        s = g.weight(lin.scales.astype(_np_dtype(self.dtype)), f"{name}.{ROWS_SUFFIXES[1]}")
+        zp = g.raw(f"{name}.{ROWS_SUFFIXES[2]}", TensorProto.UINT4, lin.scales.shape,
+                   np.full(-(-lin.scales.size // 2), 0x88, np.uint8).data)
+        w_t = g.op("Transpose", g.op("DequantizeLinear", w, s, zp, axis=1, block_size=lin.block), perm=[1, 0])
+        return g.op("MatMul", x, w_t)
 
     def _linears(self, x: str, names: list[str]) -> list[str]:
         """Linears that share the input ``x``. INT4 (or float) ones with one block size become one
@@ -212,7 +228,10 @@ class DecoderGraph:
             h = g.op("Add", h, self._linear(act, p + "mlp.down_proj"))
         last = g.op("Gather", h, g.op("Sub", seq_len, g.const(1)), axis=1)  # [B, H]: only the last token
         last = self._rms_norm(last, "norm.weight")
-        head = self._linear(last, "lm_head", self.tensors["lm_head.weight"] if self.head is None else self.head)
+        if self.head_rows:
+            head = self._rows_linear(last, "lm_head", self.head)
+        else:
+            head = self._linear(last, "lm_head", self.tensors["lm_head.weight"] if self.head is None else self.head)
         g.output(self._to_f32(head), "logits", "float32", ["batch", cfg.vocab_size])
         for i in range(cfg.num_layers):
             g.outputs.append(helper.make_tensor_value_info(f"present_key.{i}", self.onnx_dtype, present_shape))
@@ -221,11 +240,12 @@ class DecoderGraph:
 
 
 def export_decoder(cfg: TextConfig, tensors: Mapping[str, np.ndarray], linears: Mapping[str, object],
-                   out_dir: Path, dtype: str = "float32", head: object | None = None) -> Path:
+                   out_dir: Path, dtype: str = "float32", head: object | None = None, head_rows: bool = False) -> Path:
+    """Write decoder.onnx (+ .data); ``head_rows`` stores an INT4 head in the rows form above."""
     missing = [f"layers.{i}.{n}" for i in range(cfg.num_layers) for n in LINEARS if f"layers.{i}.{n}" not in linears]
     if missing:
         raise ValueError(f"cannot export decoder: linear {missing[0]} has no weights")
-    graph = DecoderGraph(cfg, tensors, linears, Path(out_dir) / "decoder.onnx", dtype, head)
+    graph = DecoderGraph(cfg, tensors, linears, Path(out_dir) / "decoder.onnx", dtype, head, head_rows)
     seams = dict(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                  layers=graph.attention_seams)
     return graph.build().save({ATTENTION_SEAMS_KEY: json.dumps(seams)})
@@ -237,17 +257,22 @@ def export_decoder(cfg: TextConfig, tensors: Mapping[str, np.ndarray], linears: 
 ATTENTION_SEAMS_KEY = "edge_sdk.attention_seams"
 
 
-#: Initializer names of the head in decoder.onnx (what `DecoderGraph._linear` writes for "lm_head").
-HEAD_NAMES = {"table": ("lm_head.qweight_t", "lm_head.weight_t"), "scales": "lm_head.scales_t"}
+#: Initializer suffixes of an INT4 linear in the rows form (`DecoderGraph._rows_linear`).
+ROWS_SUFFIXES = ("qweight", "scales", "zero_points")
+#: Initializer names of the head in decoder.onnx (what `DecoderGraph._linear` / `_rows_linear`
+#: write for "lm_head"), by form.
+HEAD_NAMES = {"quantized_t": ("lm_head.qweight_t", "lm_head.scales_t"), "float_t": ("lm_head.weight_t",),
+              "int4_rows": tuple(f"lm_head.{s}" for s in ROWS_SUFFIXES)}
 
 
 def export_embedding(table: np.ndarray | object, out_dir: Path, dtype: str = "float32", *,
                      tied_to: Path | None = None) -> Path:
     """`input_ids` [B, S] -> `inputs_embeds` [B, S, H] over the table in the head's form: W^T
-    [H, V], float or INT4 with block scales (dequantized by `DequantizeLinear`, as in the
-    decoder). ``table`` is a float [V, H] array or an Int4Linear [V, H]. With ``tied_to`` (the
-    decoder.onnx of a tied model) the graph's table is the decoder's head itself: its
-    initializers point at the same bytes of decoder.onnx.data, so the matrix is stored once.
+    [H, V], float or INT4 / INT8 with block scales (dequantized by `DequantizeLinear`, as in the
+    decoder), or the INT4 rows form. ``table`` is a float [V, H] array or an Int4Linear [V, H].
+    With ``tied_to`` (the decoder.onnx of a tied model) the graph's table is the decoder's head
+    itself, in whichever form it has: its initializers point at the same bytes of
+    decoder.onnx.data, so the matrix is stored once.
 
     Runtimes do not run this graph: they gather the rows they need on the host
     (runtime/embedding.py) from these initializers; the graph states what that lookup computes."""
@@ -257,31 +282,37 @@ def export_embedding(table: np.ndarray | object, out_dir: Path, dtype: str = "fl
     quantized = hasattr(table, "block")
     hidden = table.shape[1]
     if tied_to is not None:
-        names = _shared_head_initializers(g, Path(tied_to), quantized)
+        form, names = _shared_head_initializers(g, Path(tied_to))
     elif quantized:
+        form = "quantized_t"
         names = (_quantized_weight_t(g, "embed.qweight_t", table),
                  g.weight(table.scales.T.astype(_np_dtype(dtype)), "embed.scales_t"))
     else:
-        names = (g.weight(np.asarray(table).T.astype(_np_dtype(dtype)), "embed.weight_t"),)
+        form, names = "float_t", (g.weight(np.asarray(table).T.astype(_np_dtype(dtype)), "embed.weight_t"),)
+    if form == "int4_rows":
+        w = g.op("DequantizeLinear", *names, axis=1, block_size=table.block)
+        g.output(g.op("Gather", w, ids, axis=0), "inputs_embeds", dtype, ["batch", "seq", hidden])
+        return g.save()
     w_t = g.op("DequantizeLinear", *names, axis=0, block_size=table.block) if quantized else names[0]
     rows = g.op("Gather", w_t, ids, axis=1)  # [H, B, S]: only the looked-up columns
     g.output(g.op("Transpose", rows, perm=[1, 2, 0]), "inputs_embeds", dtype, ["batch", "seq", hidden])
     return g.save()
 
 
-def _shared_head_initializers(g: GraphBuilder, decoder_path: Path, quantized: bool) -> tuple[str, ...]:
-    """The decoder's head initializers, as external tensors of this graph (same file, same offsets)."""
+def _shared_head_initializers(g: GraphBuilder, decoder_path: Path) -> tuple[str, tuple[str, ...]]:
+    """The decoder's head form and initializers, as external tensors of this graph (same file,
+    same offsets)."""
     import onnx
 
     decoder = onnx.load(str(decoder_path), load_external_data=False)
     inits = {t.name: t for t in decoder.graph.initializer}
-    wanted = [HEAD_NAMES["table"][0], HEAD_NAMES["scales"]] if quantized else [HEAD_NAMES["table"][1]]
+    form = next(f for f, names in HEAD_NAMES.items() if names[0] in inits)
     names = []
-    for name in wanted:
+    for name in HEAD_NAMES[form]:
         src = inits[name]
         if src.data_location != TensorProto.EXTERNAL:
             raise ValueError(f"{decoder_path}: head initializer {name} is not in external data")
         t = TensorProto(name=name, data_type=src.data_type, dims=src.dims, data_location=TensorProto.EXTERNAL)
         t.external_data.extend(src.external_data)
         names.append(g.tensor(t))
-    return tuple(names)
+    return form, tuple(names)

@@ -75,6 +75,19 @@ class Graph:
             field.extend(kept + list(new))
 
 
+def byte_view(init: TensorProto, data_type: int, dims: list[int]) -> TensorProto:
+    """``init`` read as another type and shape over the same bytes (external or inline), e.g. an
+    INT4 weight as the int8 or uint8 array a plugin or contrib op takes."""
+    view = TensorProto(name=f"{init.name}.{TensorProto.DataType.Name(data_type).lower()}", data_type=data_type,
+                       dims=dims)
+    if init.data_location == TensorProto.EXTERNAL:
+        view.data_location = TensorProto.EXTERNAL
+        view.external_data.extend(init.external_data)
+    else:
+        view.raw_data = init.raw_data
+    return view
+
+
 def load_decoder(decoder_path: Path) -> tuple[onnx.ModelProto, dict[str, str], dict]:
     """decoder.onnx without its weights, its metadata, and the attention seams it records."""
     model = onnx.load(str(decoder_path), load_external_data=False)

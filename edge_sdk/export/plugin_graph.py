@@ -24,23 +24,17 @@ from pathlib import Path
 from onnx import TensorProto, helper
 
 from ..plugins import ops
-from .graph_rewrite import (Graph, RewriteError, beside, expanded_q_scale, load_decoder, save_rewritten,
-                            shared_rope)
+from .graph_rewrite import (Graph, RewriteError, beside, byte_view, expanded_q_scale, load_decoder,
+                            save_rewritten, shared_rope)
 
 PLUGIN_GRAPH = "decoder.plugins.onnx"
 
-def _int8_view(init: TensorProto, k: int, n: int) -> TensorProto:
-    """The INT4 initializer W^T [K, N] as int8 [K, N/2] over the same bytes (external or inline)."""
-    view = TensorProto(name=init.name + ".i8", data_type=TensorProto.INT8, dims=[k, n // 2])
-    if init.data_location == TensorProto.EXTERNAL:
-        view.data_location = TensorProto.EXTERNAL
-        view.external_data.extend(init.external_data)
-    else:
-        view.raw_data = init.raw_data
-    return view
-
 
 def _rewrite_int4_linears(graph: Graph) -> int:
+    rows = next((t.name for t in graph.g.initializer if t.data_type == TensorProto.UINT4), None)
+    if rows is not None:
+        raise RewriteError(f"{graph.path}: {rows} is in ONNX Runtime's rows form (the package was built for a CPU "
+                           "profile); build it for a TensorRT profile")
     count = 0
     for mm in [n for n in graph.g.node if n.op_type == "MatMul"]:
         dq = graph.producer.get(mm.input[1])
@@ -57,7 +51,7 @@ def _rewrite_int4_linears(graph: Graph) -> int:
                                f"size the plugin takes ({ops.GROUP_SIZES}) and N % 8 == 0")
         if len(graph.consumers[dq.output[0]]) != 1:
             raise RewriteError(f"{graph.path}: dequantized {w.name} feeds more than one MatMul")
-        view = _int8_view(w, k, n)
+        view = byte_view(w, TensorProto.INT8, [k, n // 2])
         graph.g.initializer.append(view)
         graph.add(ops.INT4_GEMM, [mm.input[0], view.name, dq.input[1]], list(mm.output), domain=ops.DOMAIN,
                   gemm_n=n, gemm_k=k, group_size=group, plugin_version=ops.PLUGIN_VERSION,

@@ -73,6 +73,12 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
     return (u[..., 0::2] & 0xF) | (u[..., 1::2] << 4)
 
 
+def pack_uint4(q: np.ndarray) -> np.ndarray:
+    """Pack int4 values as unsigned codes q + 8 (zero point 8, MatMulNBits' form), two per byte:
+    flipping each nibble's top bit of the two's complement packing adds 8."""
+    return pack_int4(q) ^ np.uint8(0x88)
+
+
 def unpack_int4(packed: np.ndarray) -> np.ndarray:
     """Inverse of `pack_int4`: int8 values in [-8, 7], last dimension doubled."""
     p = np.asarray(packed, dtype=np.uint8)

@@ -1,9 +1,11 @@
 """Token embeddings on the host: the rows a prompt needs, read from embed.onnx's table.
 
-The table has the LM head's form, W^T [hidden, vocab], float or INT4 / INT8 with block scales (for a
-tied model it is the decoder's head itself, stored once). It is memory-mapped from the external
-data, so a lookup touches only the bytes of the looked-up columns and nothing is dequantized but
-them; both backends use it (ONNX Runtime would dequantize the whole table to run embed.onnx).
+The table has the LM head's form (for a tied model it is the decoder's head itself, stored once):
+W^T [hidden, vocab], float or INT4 / INT8 with block scales, or W [vocab, hidden] in the INT4 rows
+form of ONNX Runtime packages (codes + 8, zero point 8). It is memory-mapped from the external
+data, so a lookup touches only the bytes of the looked-up tokens (a few pages per token in the
+rows forms, a byte in every row of W^T) and nothing is dequantized but them; both backends use
+it (ONNX Runtime would dequantize the whole table to run embed.onnx).
 """
 
 from __future__ import annotations
@@ -12,15 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
+_INT4_TYPES = ("INT4", "UINT4")
+
 
 class EmbeddingTable:
     def __init__(self, table: np.ndarray, scales: np.ndarray | None = None, block: int | None = None,
-                 int4: bool = False, rows: bool = False):
-        self.table = table      # float [H, V] (or [V, H] with `rows`), int8 [H, V], or uint8 [H, V/2] of INT4 codes
-        self.scales = scales    # [H / block, V] for int8 / INT4 tables
+                 int4: bool = False, rows: bool = False, zero_point: int = 0):
+        self.table = table      # float/int8 [H, V] (or [V, H] with `rows`), or uint8 of two INT4 codes per byte
+        self.scales = scales    # [H / block, V] (or [V, H / block] with `rows`) for int8 / INT4 tables
         self.block = block
         self.int4 = int4
         self.rows = rows
+        self.zero_point = zero_point  # 8 for the unsigned codes of the rows form
 
     @classmethod
     def open(cls, onnx_path: str | Path) -> "EmbeddingTable":
@@ -34,15 +39,25 @@ class EmbeddingTable:
         gather = next((n for n in model.graph.node if n.op_type == "Gather"), None)
         if gather is None:
             raise ValueError(f"{onnx_path}: no Gather (not an embedding graph)")
+        rows = next((a.i for a in gather.attribute if a.name == "axis"), 0) == 0
         if dq is None:
             if gather.input[0] not in inits:
                 raise ValueError(f"{onnx_path}: the Gather does not read a table")
-            axis = next((a.i for a in gather.attribute if a.name == "axis"), 0)
-            return cls(_mapped(onnx_path, inits[gather.input[0]]), rows=axis == 0)
+            return cls(_mapped(onnx_path, inits[gather.input[0]]), rows=rows)
         block = next(a.i for a in dq.attribute if a.name == "block_size")
         table = inits[dq.input[0]]
-        return cls(_mapped(onnx_path, table), _mapped(onnx_path, inits[dq.input[1]]), block,
-                   int4=table.data_type == onnx.TensorProto.INT4)
+        zero_point = 0
+        if len(dq.input) > 2:
+            zp = np.asarray(_mapped(onnx_path, inits[dq.input[2]]))
+            if not np.all(zp == 0x88):
+                raise ValueError(f"{onnx_path}: zero points other than 8 in {dq.input[2]}")
+            zero_point = 8
+        int4 = onnx.TensorProto.DataType.Name(table.data_type) in _INT4_TYPES
+        if int4 and table.dims[-1] % 2:
+            raise ValueError(f"{onnx_path}: INT4 table {table.name} of shape {list(table.dims)}: its last axis must "
+                             "be even")
+        return cls(_mapped(onnx_path, table), _mapped(onnx_path, inits[dq.input[1]]), block, int4=int4, rows=rows,
+                   zero_point=zero_point)
 
     def lookup(self, ids) -> np.ndarray:
         """float32 [T, hidden] for token ids [T]."""
@@ -51,32 +66,47 @@ class EmbeddingTable:
             if self.rows:
                 return np.asarray(self.table[ids], dtype=np.float32)
             return np.asarray(self.table[:, ids], dtype=np.float32).T.copy()
+        if self.rows:
+            codes = self._codes(self.table[ids])                                        # [T, H]
+            return codes * np.repeat(np.asarray(self.scales[ids], dtype=np.float32), self.block, axis=1)
         if self.int4:
             packed = self.table[:, ids // 2]                              # [H, T]
-            codes = np.where(ids % 2 == 1, packed >> 4, packed & 0xF).astype(np.int8)
-            codes = np.where(codes > 7, codes - 16, codes).astype(np.float32)
+            codes = self._signed(np.where(ids % 2 == 1, packed >> 4, packed & 0xF))
         else:
             codes = np.asarray(self.table[:, ids], dtype=np.float32)
         scales = np.repeat(np.asarray(self.scales[:, ids], dtype=np.float32), self.block, axis=0)
         return (codes * scales).T.copy()
 
+    def _codes(self, packed_rows: np.ndarray) -> np.ndarray:
+        """float32 code values of whole rows (INT4: two per byte, the first in the low nibble)."""
+        if not self.int4:
+            return np.asarray(packed_rows, dtype=np.float32)
+        nibbles = np.stack([packed_rows & 0xF, packed_rows >> 4], axis=-1).reshape(len(packed_rows), -1)
+        return self._signed(nibbles)
+
+    def _signed(self, nibbles: np.ndarray) -> np.ndarray:
+        values = nibbles.astype(np.int8)
+        if self.zero_point:
+            return (values - np.int8(self.zero_point)).astype(np.float32)
+        return np.where(values > 7, values - 16, values).astype(np.float32)
+
 
 def _mapped(onnx_path: Path, tensor) -> np.ndarray:
-    """A read-only view of an initializer: memory-mapped when external, else from the proto."""
+    """A read-only view of an initializer: memory-mapped when external, else from the proto. INT4
+    tensors come as uint8, two codes per byte along the last axis (flat when that axis is odd:
+    ONNX packs the flattened tensor)."""
     import onnx
     from onnx import numpy_helper
 
     shape = tuple(int(d) for d in tensor.dims)
-    int4 = tensor.data_type == onnx.TensorProto.INT4
+    int4 = onnx.TensorProto.DataType.Name(tensor.data_type) in _INT4_TYPES
+    if int4:
+        shape = shape[:-1] + (shape[-1] // 2,) if shape[-1] % 2 == 0 else (-(-int(np.prod(shape)) // 2),)
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
-        if int4:
-            raise ValueError(f"{onnx_path}: inline INT4 table {tensor.name} (the exporter writes it externally)")
-        return numpy_helper.to_array(tensor)
+        return np.frombuffer(tensor.raw_data, dtype=np.uint8).reshape(shape) if int4 else numpy_helper.to_array(tensor)
     info = {e.key: e.value for e in tensor.external_data}
     if int4:
-        if shape[-1] % 2:
-            raise ValueError(f"{onnx_path}: INT4 table {tensor.name} of shape {shape}: the vocabulary must be even")
-        dtype, shape = np.dtype(np.uint8), shape[:-1] + (shape[-1] // 2,)
+        dtype = np.dtype(np.uint8)
     else:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
     return np.memmap(onnx_path.parent / info["location"], dtype=dtype, mode="r",

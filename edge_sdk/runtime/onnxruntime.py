@@ -62,13 +62,28 @@ CAPACITY_STEP = 256
 PREFILL_CHUNK = 256
 
 
-def _drives(cpu_graph: Path) -> bool:
-    """Whether ``cpu_graph`` is the CPU graph this backend drives (it returns each step's keys and
-    values as ``new_key.{i}``), read from the graph alone, without its weights."""
-    import onnx
+def _drives(cpu_graph) -> bool:
+    """Whether ``cpu_graph`` (its ModelProto) is the CPU graph this backend drives: it returns each
+    step's keys and values as ``new_key.{i}``."""
+    return any(o.name.startswith("new_key") for o in cpu_graph.graph.output)
 
-    outputs = onnx.load(str(cpu_graph), load_external_data=False).graph.output
-    return any(o.name.startswith("new_key") for o in outputs)
+
+def _session(path: Path, options, accuracy_level: int, model=None):
+    """A CPU session for the graph at ``path``. MatMulNBits nodes the graph states itself (the CPU
+    graph's INT4 head) get ``accuracy_level``, as the DequantizeLinear -> MatMul pairs ONNX Runtime
+    fuses do from the session option: the graph is then passed as bytes, its weights read from
+    beside ``path``. ``model``: the graph already loaded without its weights."""
+    import onnx
+    import onnxruntime as ort
+
+    model = model if model is not None else onnx.load(str(path), load_external_data=False)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    if not nbits:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for node in nbits:
+        next(a for a in node.attribute if a.name == "accuracy_level").i = accuracy_level
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 class OnnxRuntimeBackend:
@@ -76,6 +91,7 @@ class OnnxRuntimeBackend:
 
     def __init__(self, package_dir: Path, manifest, threads: int | None = None, accuracy_level: int = 4,
                  graph: str | None = None):
+        import onnx
         import onnxruntime as ort
 
         if accuracy_level not in ACCURACY_LEVELS:
@@ -89,19 +105,18 @@ class OnnxRuntimeBackend:
         role = graph or ("decoder_cpu" if "decoder_cpu" in manifest.graphs else "decoder")
         if role not in ("decoder", "decoder_cpu") or role not in manifest.graphs:
             raise ValueError(f"{package_dir}: no {role!r} graph to run (graphs: {', '.join(manifest.graphs)})")
-        if role == "decoder_cpu" and not _drives(self.package_dir / manifest.graphs[role].file):
+        decoder_path = self.package_dir / manifest.graphs[role].file
+        decoder_graph = onnx.load(str(decoder_path), load_external_data=False)
+        if role == "decoder_cpu" and not _drives(decoder_graph):
             log.warning("%s: its %s is from an older edge_sdk (a fused-attention graph this runtime no longer "
                         "drives); running decoder.onnx instead. Rebuild the package for the faster CPU graph.",
                         package_dir, manifest.graphs[role].file)
-            role = "decoder"
+            role, decoder_path, decoder_graph = "decoder", self.package_dir / manifest.graphs["decoder"].file, None
         self.in_place = role == "decoder_cpu"
         self.context_length = manifest.context_length
-        roles = {"decoder": role, **{r: r for r in ("vision", "audio") if r in manifest.graphs}}
-        self.sessions = {
-            name: ort.InferenceSession(str(self.package_dir / manifest.graphs[r].file), options,
-                                       providers=["CPUExecutionProvider"])
-            for name, r in roles.items()
-        }
+        self.sessions = {"decoder": _session(decoder_path, options, accuracy_level, decoder_graph)}
+        self.sessions.update({r: _session(self.package_dir / manifest.graphs[r].file, options, accuracy_level)
+                              for r in ("vision", "audio") if r in manifest.graphs})
         self.embeddings = EmbeddingTable.open(self.package_dir / manifest.graphs["embed"].file)
         decoder = self.sessions["decoder"]
         self.cache_names = [i.name for i in decoder.get_inputs() if i.name.startswith("past_key")
