@@ -1,7 +1,7 @@
 """The quantized LM head and token table: the engine matches its own dequantized reference at
-the INT4 engines' tolerance, the head is a DequantizeLinear -> MatMul (TensorRT's weight-only
-GEMM; on CPU profiles the INT4 one is in the rows form that the CPU graph runs as one MatMulNBits
-over the same bytes), a tied model stores the matrix once, and the build reports the head's
+the INT4 engines' tolerance, the head is in the rows form that the CPU graph runs as one
+MatMulNBits over the same bytes (GPU profiles keep the W^T DequantizeLinear -> MatMul that the
+TensorRT plugin reads, tests/test_plugin_graph.py), a tied model stores the matrix once, and the build reports the head's
 agreement with the float head."""
 
 from __future__ import annotations
@@ -38,12 +38,7 @@ def test_head_engine_matches_dequantized_reference(tiny_checkpoints, build_packa
         assert qm.head is None and "head_report" not in model.manifest.extra
         assert inits["lm_head.weight_t"].data_type == onnx.TensorProto.FLOAT
         return
-    if head == "int4":
-        _assert_rows_head(pkg, inits)
-    else:
-        assert inits["lm_head.qweight_t"].data_type == onnx.TensorProto.INT8
-        dq = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "lm_head.qweight_t")
-        assert any(n.op_type == "MatMul" and dq.output[0] in n.input for n in graph.node)
+    _assert_rows_head(pkg, inits, bits=4 if head == "int4" else 8)
     rep = model.manifest.extra["head_report"]
     assert rep["format"] == head and 0 <= rep["top1_agreement"] <= 1 and rep["tokens"] > 0
     print(f"{shape} {head} head: top-1 agreement {rep['top1_agreement']:.3f}, "
@@ -53,11 +48,12 @@ def test_head_engine_matches_dequantized_reference(tiny_checkpoints, build_packa
     assert (pkg / "embed.onnx.data").exists() != tied  # tied: the table is the decoder's head
 
 
-def _assert_rows_head(pkg, inits):
-    """decoder.onnx: W [vocab, hidden] uint4 -> DequantizeLinear(axis 1) -> Transpose -> MatMul;
-    decoder.cpu.onnx: one MatMulNBits whose weight is those very bytes of decoder.onnx.data."""
+def _assert_rows_head(pkg, inits, bits):
+    """decoder.onnx: W [vocab, hidden] uint4/uint8 -> DequantizeLinear(axis 1) -> Transpose ->
+    MatMul; decoder.cpu.onnx: one MatMulNBits whose weight is those very bytes of decoder.onnx.data."""
     weight = inits["lm_head.qweight"]
-    assert weight.data_type == onnx.TensorProto.UINT4 and weight.data_location == onnx.TensorProto.EXTERNAL
+    assert weight.data_type == (onnx.TensorProto.UINT4 if bits == 4 else onnx.TensorProto.UINT8)
+    assert weight.data_location == onnx.TensorProto.EXTERNAL
     cpu = onnx.load(str(pkg / "decoder.cpu.onnx"), load_external_data=False).graph
     cpu_inits = {t.name: t for t in cpu.initializer}
     nbits = [n for n in cpu.node if n.op_type == "MatMulNBits"]
@@ -67,7 +63,8 @@ def _assert_rows_head(pkg, inits):
     assert {e.key: e.value for e in view.external_data} == {e.key: e.value for e in weight.external_data}
     n, k = weight.dims
     block = next(a.i for a in nbits[0].attribute if a.name == "block_size")
-    assert list(view.dims) == [n, k // block, block // 2]
+    assert list(view.dims) == [n, k // block, block * bits // 8]
+    assert next(a.i for a in nbits[0].attribute if a.name == "bits") == bits
 
 
 def test_int8_head_agrees_more_and_auto_picks_by_agreement(tiny_checkpoints, build_package):

@@ -19,8 +19,8 @@ Per layer:
 - The step's new keys and values are outputs (``new_key.{i}``/``new_value.{i}`` [B, KV, S, D]);
   the backend writes them into the buffers after the step (runtime/onnxruntime.py).
 
-An INT4 head in the rows form (export/decoder.py) becomes one ``com.microsoft.MatMulNBits`` over
-the same bytes: ONNX Runtime prepacks it as it is, without first rearranging a copy. Its
+An INT4 / INT8 head in the rows form (export/decoder.py) becomes one ``com.microsoft.MatMulNBits``
+over the same bytes: ONNX Runtime prepacks it as it is, without first rearranging a copy. Its
 ``accuracy_level`` is the backend's to set at load.
 """
 
@@ -127,20 +127,22 @@ def _attention(graph: Graph, seam: dict[str, str], meta: dict, rope: tuple[str, 
 
 
 def _rows_head(graph: Graph) -> bool:
-    """MatMul(x, Transpose(DequantizeLinear(uint4 W [N, K], scales, 8s, axis=1))) -> MatMulNBits."""
-    weight, scales, _ = HEAD_NAMES["int4_rows"]
+    """MatMul(x, Transpose(DequantizeLinear(uint4/uint8 W [N, K], scales, zero points, axis=1)))
+    -> MatMulNBits (whose implicit zero point, 8 or 128, is the one the rows form stores)."""
+    weight, scales, _ = HEAD_NAMES["rows"]
     if weight not in graph.inits:
         return False
     w = graph.inits[weight]
+    bits = 4 if w.data_type == TensorProto.UINT4 else 8
     dq = graph.consumers[weight][0]
     matmul = graph.consumers[graph.consumers[dq.output[0]][0].output[0]][0]
     block = next(a.i for a in dq.attribute if a.name == "block_size")
     n, k = w.dims
-    view = byte_view(w, TensorProto.UINT8, [n, k // block, block // 2])
+    view = byte_view(w, TensorProto.UINT8, [n, k // block, block * bits // 8])
     graph.g.initializer.append(view)
     graph.g.node.remove(matmul)  # the DequantizeLinear and Transpose before it are pruned
     graph.add("MatMulNBits", [matmul.input[0], view.name, scales], list(matmul.output), domain=MS_DOMAIN,
-              K=k, N=n, bits=4, block_size=block, accuracy_level=4)
+              K=k, N=n, bits=bits, block_size=block, accuracy_level=4)
     return True
 
 

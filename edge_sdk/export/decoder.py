@@ -9,14 +9,12 @@ Linears come out in one of three forms, chosen by what the quantizer produced:
 - float: `MatMul(x, W^T)`;
 - INT4: `DequantizeLinear(int4 W^T, scales, axis=0, block_size)` -> `MatMul` (ONNX Runtime fuses
   this into MatMulNBits; TensorRT into its INT4 weight-only GEMM);
-- the INT4 head of an ONNX Runtime package (``head_rows``): `DequantizeLinear(uint4 W, scales,
-  zero points 8, axis=1, block_size)` -> `Transpose` -> `MatMul`. W [vocab, hidden] holds each
-  code + 8: the bytes ONNX Runtime's MatMulNBits reads as they are (the CPU graph runs it so,
-  export/cpu_graph.py), and a token's embedding row is contiguous for the host lookup of a
-  tied model. The W^T form would be rearranged at load into a second 0.2 GB copy for 3B, and
-  the lookups would touch every page of the file's copy;
-- FP8: `QuantizeLinear/DequantizeLinear(x)` in float8e4m3fn with the static input scale, and
-  `DequantizeLinear(fp8 W^T, weight_scale)` -> `MatMul`.
+- the INT4 / INT8 head of an ONNX Runtime package (``head_rows``): `DequantizeLinear(uint W,
+  scales, zero points, axis=1, block_size)` -> `Transpose` -> `MatMul`. W [vocab, hidden] holds
+  each code + 8 (uint4) or + 128 (uint8): the bytes ONNX Runtime's MatMulNBits reads as they are
+  (the CPU graph runs it so, export/cpu_graph.py), and a token's embedding row is contiguous for
+  the host lookup of a tied model. The W^T form would be rearranged at load into a second copy
+  (0.2 GB of INT4 for 3B), and the lookups would touch every page of the file's copy;
 Linears that share an input (q/k/v, gate/up) are one MatMul over their weights side by side and a
 Split, when they are float or INT4 (FP8 ones each keep their input scale).
 """
@@ -61,7 +59,7 @@ class DecoderGraph:
         self.tensors = tensors
         self.linears = linears
         self.head = head  # an Int4Linear [vocab, hidden], or None: the float tensors["lm_head.weight"]
-        self.head_rows = head_rows and isinstance(head, Int4Linear)
+        self.head_rows = head_rows and isinstance(head, (Int4Linear, Int8Linear))
         self.dtype = dtype
         self.onnx_dtype = TensorProto.FLOAT if dtype == "float32" else TensorProto.FLOAT16
         self.g = GraphBuilder("ministral3_decoder", path)
@@ -109,13 +107,18 @@ class DecoderGraph:
         wdq = g.op("DequantizeLinear", wq, w_scale, axis=1) if ws.size > 1 else g.op("DequantizeLinear", wq, w_scale)
         return g.op("MatMul", xdq, wdq)
 
-    def _rows_linear(self, x: str, name: str, lin: Int4Linear) -> str:
-        """An INT4 linear with W [out, in] stored as unsigned codes (code + 8, zero point 8)."""
+    def _rows_linear(self, x: str, name: str, lin: Int4Linear | Int8Linear) -> str:
+        """An INT4 / INT8 linear with W [out, in] stored as unsigned codes (zero point 8 / 128)."""
         g = self.g
-        w = g.raw(f"{name}.{ROWS_SUFFIXES[0]}", TensorProto.UINT4, lin.q.shape, pack_uint4(lin.q).data)
+        if isinstance(lin, Int4Linear):
+            data_type, codes, zero = TensorProto.UINT4, pack_uint4(lin.q), np.uint8(0x88)  # two 8s per byte
+            zero_bytes = -(-lin.scales.size // 2)
+        else:
+            data_type, codes, zero = TensorProto.UINT8, lin.q.view(np.uint8) ^ np.uint8(0x80), np.uint8(128)
+            zero_bytes = lin.scales.size
+        w = g.raw(f"{name}.{ROWS_SUFFIXES[0]}", data_type, lin.q.shape, np.ascontiguousarray(codes).data)
         s = g.weight(lin.scales.astype(_np_dtype(self.dtype)), f"{name}.{ROWS_SUFFIXES[1]}")
-        zp = g.raw(f"{name}.{ROWS_SUFFIXES[2]}", TensorProto.UINT4, lin.scales.shape,
-                   np.full(-(-lin.scales.size // 2), 0x88, np.uint8).data)
+        zp = g.raw(f"{name}.{ROWS_SUFFIXES[2]}", data_type, lin.scales.shape, np.full(zero_bytes, zero).data)
         w_t = g.op("Transpose", g.op("DequantizeLinear", w, s, zp, axis=1, block_size=lin.block), perm=[1, 0])
         return g.op("MatMul", x, w_t)
 
@@ -241,7 +244,7 @@ class DecoderGraph:
 
 def export_decoder(cfg: TextConfig, tensors: Mapping[str, np.ndarray], linears: Mapping[str, object],
                    out_dir: Path, dtype: str = "float32", head: object | None = None, head_rows: bool = False) -> Path:
-    """Write decoder.onnx (+ .data); ``head_rows`` stores an INT4 head in the rows form above."""
+    """Write decoder.onnx (+ .data); ``head_rows`` stores an INT4 / INT8 head in the rows form above."""
     missing = [f"layers.{i}.{n}" for i in range(cfg.num_layers) for n in LINEARS if f"layers.{i}.{n}" not in linears]
     if missing:
         raise ValueError(f"cannot export decoder: linear {missing[0]} has no weights")
@@ -257,19 +260,19 @@ def export_decoder(cfg: TextConfig, tensors: Mapping[str, np.ndarray], linears: 
 ATTENTION_SEAMS_KEY = "edge_sdk.attention_seams"
 
 
-#: Initializer suffixes of an INT4 linear in the rows form (`DecoderGraph._rows_linear`).
+#: Initializer suffixes of a linear in the rows form (`DecoderGraph._rows_linear`).
 ROWS_SUFFIXES = ("qweight", "scales", "zero_points")
 #: Initializer names of the head in decoder.onnx (what `DecoderGraph._linear` / `_rows_linear`
 #: write for "lm_head"), by form.
 HEAD_NAMES = {"quantized_t": ("lm_head.qweight_t", "lm_head.scales_t"), "float_t": ("lm_head.weight_t",),
-              "int4_rows": tuple(f"lm_head.{s}" for s in ROWS_SUFFIXES)}
+              "rows": tuple(f"lm_head.{s}" for s in ROWS_SUFFIXES)}
 
 
 def export_embedding(table: np.ndarray | object, out_dir: Path, dtype: str = "float32", *,
                      tied_to: Path | None = None) -> Path:
     """`input_ids` [B, S] -> `inputs_embeds` [B, S, H] over the table in the head's form: W^T
     [H, V], float or INT4 / INT8 with block scales (dequantized by `DequantizeLinear`, as in the
-    decoder), or the INT4 rows form. ``table`` is a float [V, H] array or an Int4Linear [V, H].
+    decoder), or the rows form. ``table`` is a float [V, H] array or an Int4Linear / Int8Linear [V, H].
     With ``tied_to`` (the decoder.onnx of a tied model) the graph's table is the decoder's head
     itself, in whichever form it has: its initializers point at the same bytes of
     decoder.onnx.data, so the matrix is stored once.
@@ -289,7 +292,7 @@ def export_embedding(table: np.ndarray | object, out_dir: Path, dtype: str = "fl
                  g.weight(table.scales.T.astype(_np_dtype(dtype)), "embed.scales_t"))
     else:
         form, names = "float_t", (g.weight(np.asarray(table).T.astype(_np_dtype(dtype)), "embed.weight_t"),)
-    if form == "int4_rows":
+    if form == "rows":
         w = g.op("DequantizeLinear", *names, axis=1, block_size=table.block)
         g.output(g.op("Gather", w, ids, axis=0), "inputs_embeds", dtype, ["batch", "seq", hidden])
         return g.save()

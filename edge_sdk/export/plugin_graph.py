@@ -24,6 +24,7 @@ from pathlib import Path
 from onnx import TensorProto, helper
 
 from ..plugins import ops
+from .decoder import HEAD_NAMES
 from .graph_rewrite import (Graph, RewriteError, beside, byte_view, expanded_q_scale, load_decoder,
                             save_rewritten, shared_rope)
 
@@ -31,8 +32,8 @@ PLUGIN_GRAPH = "decoder.plugins.onnx"
 
 
 def _rewrite_int4_linears(graph: Graph) -> int:
-    rows = next((t.name for t in graph.g.initializer if t.data_type == TensorProto.UINT4), None)
-    if rows is not None:
+    rows = HEAD_NAMES["rows"][0]
+    if rows in graph.inits:
         raise RewriteError(f"{graph.path}: {rows} is in ONNX Runtime's rows form (the package was built for a CPU "
                            "profile); build it for a TensorRT profile")
     count = 0

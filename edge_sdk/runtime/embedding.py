@@ -1,8 +1,8 @@
 """Token embeddings on the host: the rows a prompt needs, read from embed.onnx's table.
 
 The table has the LM head's form (for a tied model it is the decoder's head itself, stored once):
-W^T [hidden, vocab], float or INT4 / INT8 with block scales, or W [vocab, hidden] in the INT4 rows
-form of ONNX Runtime packages (codes + 8, zero point 8). It is memory-mapped from the external
+W^T [hidden, vocab], float or INT4 / INT8 with block scales, or W [vocab, hidden] in the rows form
+of ONNX Runtime packages (unsigned codes: INT4 + 8, INT8 + 128). It is memory-mapped from the external
 data, so a lookup touches only the bytes of the looked-up tokens (a few pages per token in the
 rows forms, a byte in every row of W^T) and nothing is dequantized but them; both backends use
 it (ONNX Runtime would dequantize the whole table to run embed.onnx).
@@ -10,6 +10,7 @@ it (ONNX Runtime would dequantize the whole table to run embed.onnx).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ class EmbeddingTable:
         self.block = block
         self.int4 = int4
         self.rows = rows
-        self.zero_point = zero_point  # 8 for the unsigned codes of the rows form
+        self.zero_point = zero_point  # 8 / 128 for the unsigned INT4 / INT8 codes of the rows form
 
     @classmethod
     def open(cls, onnx_path: str | Path) -> "EmbeddingTable":
@@ -43,21 +44,20 @@ class EmbeddingTable:
         if dq is None:
             if gather.input[0] not in inits:
                 raise ValueError(f"{onnx_path}: the Gather does not read a table")
-            return cls(_mapped(onnx_path, inits[gather.input[0]]), rows=rows)
+            return cls(_mapped(onnx_path, inits[gather.input[0]], rows), rows=rows)
         block = next(a.i for a in dq.attribute if a.name == "block_size")
         table = inits[dq.input[0]]
-        zero_point = 0
-        if len(dq.input) > 2:
-            zp = np.asarray(_mapped(onnx_path, inits[dq.input[2]]))
-            if not np.all(zp == 0x88):
-                raise ValueError(f"{onnx_path}: zero points other than 8 in {dq.input[2]}")
-            zero_point = 8
         int4 = onnx.TensorProto.DataType.Name(table.data_type) in _INT4_TYPES
+        zero_point = 0
+        if len(dq.input) > 2:  # the rows form's one zero point, stated for every block
+            zero_point = 8 if int4 else 128
+            if not np.all(np.asarray(_mapped(onnx_path, inits[dq.input[2]])) == (0x88 if int4 else 128)):
+                raise ValueError(f"{onnx_path}: zero points other than {zero_point} in {dq.input[2]}")
         if int4 and table.dims[-1] % 2:
             raise ValueError(f"{onnx_path}: INT4 table {table.name} of shape {list(table.dims)}: its last axis must "
                              "be even")
-        return cls(_mapped(onnx_path, table), _mapped(onnx_path, inits[dq.input[1]]), block, int4=int4, rows=rows,
-                   zero_point=zero_point)
+        return cls(_mapped(onnx_path, table, rows), _mapped(onnx_path, inits[dq.input[1]], rows), block, int4=int4,
+                   rows=rows, zero_point=zero_point)
 
     def lookup(self, ids) -> np.ndarray:
         """float32 [T, hidden] for token ids [T]."""
@@ -80,7 +80,7 @@ class EmbeddingTable:
     def _codes(self, packed_rows: np.ndarray) -> np.ndarray:
         """float32 code values of whole rows (INT4: two per byte, the first in the low nibble)."""
         if not self.int4:
-            return np.asarray(packed_rows, dtype=np.float32)
+            return np.asarray(packed_rows, dtype=np.float32) - self.zero_point
         nibbles = np.stack([packed_rows & 0xF, packed_rows >> 4], axis=-1).reshape(len(packed_rows), -1)
         return self._signed(nibbles)
 
@@ -91,10 +91,35 @@ class EmbeddingTable:
         return np.where(values > 7, values - 16, values).astype(np.float32)
 
 
-def _mapped(onnx_path: Path, tensor) -> np.ndarray:
-    """A read-only view of an initializer: memory-mapped when external, else from the proto. INT4
-    tensors come as uint8, two codes per byte along the last axis (flat when that axis is odd:
-    ONNX packs the flattened tensor)."""
+class FileRows:
+    """Rows of an external initializer, read with pread as they are indexed (``rows[ids]``). A
+    memory map would be counted in the process's memory for far more than the rows read: on this
+    kernel a fault maps the whole page-cache folio around it, ~1 MB a token, and one generation's
+    lookups mapped nearly all of a 3B model's 0.2 GB head."""
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype):
+        self.file = open(path, "rb", buffering=0)
+        self.offset, self.shape, self.dtype = offset, shape, np.dtype(dtype)
+        self.row_bytes = int(np.prod(shape[1:])) * self.dtype.itemsize
+
+    def __getitem__(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.shape[0]):
+            raise IndexError(f"row ids must lie in [0, {self.shape[0]}), got {ids.min()} .. {ids.max()}")
+        out = np.empty((len(ids),) + self.shape[1:], self.dtype)
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        for i, row in enumerate(ids.tolist()):
+            dst = buf[i * self.row_bytes:(i + 1) * self.row_bytes]
+            if os.preadv(self.file.fileno(), [dst], self.offset + row * self.row_bytes) != self.row_bytes:
+                raise OSError(f"{self.file.name}: short read of row {row}")
+        return out
+
+
+def _mapped(onnx_path: Path, tensor, rows: bool = False) -> np.ndarray | FileRows:
+    """A read-only view of an initializer: from the proto when inline; when external, memory-
+    mapped, or a `FileRows` reader with ``rows`` (only indexed by row). INT4 tensors come as uint8,
+    two codes per byte along the last axis (flat when that axis is odd: ONNX packs the flattened
+    tensor)."""
     import onnx
     from onnx import numpy_helper
 
@@ -109,5 +134,7 @@ def _mapped(onnx_path: Path, tensor) -> np.ndarray:
         dtype = np.dtype(np.uint8)
     else:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
-    return np.memmap(onnx_path.parent / info["location"], dtype=dtype, mode="r",
-                     offset=int(info.get("offset", 0)), shape=shape)
+    path, offset = onnx_path.parent / info["location"], int(info.get("offset", 0))
+    if rows:
+        return FileRows(path, offset, shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
