@@ -39,6 +39,26 @@ def test_cpu_graph_matches_standard_graph(tiny_checkpoints, build_package, monke
     assert got_tokens == want_tokens
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
     assert cache.length == 12 + N_NEW and cache.capacity == 80
+    head = fused.manifest.extra.get("head_report", {}).get("format")  # int4 / int8: in the rows form
+    _assert_fused(pkg, layers=fused.manifest.model.text.num_layers, rows_head=head in ("int4", "int8"))
+
+
+def _assert_fused(pkg, layers: int, rows_head: bool):
+    """What the rewrite fuses: every residual Add with the RMSNorm after it (all but the first
+    layer's input norm and the final norm, which read no residual Add), the query scale into q's
+    RoPE caches, and a rows-form head into one MatMulNBits."""
+    import json
+
+    import onnx
+
+    graph = onnx.load(str(pkg / "decoder.cpu.onnx"), load_external_data=False)
+    summary = json.loads({p.key: p.value for p in graph.metadata_props}["edge_sdk.rewrite"])
+    assert summary["skip_norms"] == 2 * layers - 1
+    assert summary["matmul_nbits_head"] == rows_head
+    kinds = [n.op_type for n in graph.graph.node]
+    assert kinds.count("SkipSimplifiedLayerNormalization") == 2 * layers - 1
+    rotated_q = {n.output[0] for n in graph.graph.node if n.op_type == "RotaryEmbedding"}
+    assert not [n for n in graph.graph.node if n.op_type == "Mul" and set(n.input) & rotated_q]
 
 
 def test_cpu_graph_cache_stops_at_the_context(tiny_checkpoints, build_package):

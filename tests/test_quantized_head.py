@@ -1,8 +1,8 @@
 """The quantized LM head and token table: the engine matches its own dequantized reference at
 the INT4 engines' tolerance, the head is in the rows form that the CPU graph runs as one
 MatMulNBits over the same bytes (GPU profiles keep the W^T DequantizeLinear -> MatMul that the
-TensorRT plugin reads, tests/test_plugin_graph.py), a tied model stores the matrix once, and the build reports the head's
-agreement with the float head."""
+TensorRT plugin reads, tests/test_plugin_graph.py), a tied model stores the matrix once, and
+the build reports the head's agreement with the float head."""
 
 from __future__ import annotations
 

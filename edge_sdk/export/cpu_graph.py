@@ -9,7 +9,7 @@ MatMul into MatMulNBits itself).
 Per layer:
 - RoPE: ``com.microsoft.RotaryEmbedding`` on q and k from cos/sin caches indexed by position (the
   exporter's tables, YaRN attention factor included, for positions 0 .. context - 1). The
-  Llama-4 query scale depends on the position; rotation is linear, so q is scaled after it.
+  Llama-4 query scale depends on the position; rotation is linear, so q's caches carry it.
 - Grouped attention as two matrix products per KV head, the G = heads / kv_heads query heads of
   a group stacked as rows: scores against the cache buffer (``past_key.{i}`` [B, KV, C, D], C the
   buffer's capacity; positions at or past ``past_lengths`` masked) and against the step's own new
@@ -19,6 +19,7 @@ Per layer:
 - The step's new keys and values are outputs (``new_key.{i}``/``new_value.{i}`` [B, KV, S, D]);
   the backend writes them into the buffers after the step (runtime/onnxruntime.py).
 
+Residual adds with the RMSNorm after them become ``com.microsoft.SkipSimplifiedLayerNormalization``.
 An INT4 / INT8 head in the rows form (export/decoder.py) becomes one ``com.microsoft.MatMulNBits``
 over the same bytes: ONNX Runtime prepacks it as it is, without first rearranging a copy. Its
 ``accuracy_level`` is the backend's to set at load.
@@ -32,25 +33,31 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from ..models.config import TextConfig
-from ..models.ministral3 import rope_cos_sin
+from ..models.ministral3 import query_scale, rope_cos_sin
 from ..plugins import ops
 from .decoder import HEAD_NAMES, NEG_INF
-from .graph_rewrite import Graph, beside, byte_view, expanded_q_scale, load_decoder, save_rewritten, shared_rope
+from .graph_rewrite import Graph, beside, byte_view, load_decoder, save_rewritten, shared_rope
 
 CPU_GRAPH = "decoder.cpu.onnx"
 MS_DOMAIN = "com.microsoft"
 NEW_KEY, NEW_VALUE = "new_key", "new_value"
 
 
-def _rope_caches(graph: Graph, cfg: TextConfig, rows: int, dtype: int) -> tuple[str, str]:
-    cos, sin = rope_cos_sin(cfg.rope, cfg.head_dim, np.arange(rows))
+def _rope_caches(graph: Graph, cfg: TextConfig, rows: int, dtype: int) -> tuple[str, str, str, str]:
+    """cos/sin caches [rows, head_dim / 2] for q, then for k. q's are k's times each position's
+    query scale (the Llama-4 temperature and 1/sqrt(head_dim)): rotation is linear, so RoPE with
+    them is the scaled RoPE, without a Mul per layer."""
+    positions = np.arange(rows)
+    cos, sin = rope_cos_sin(cfg.rope, cfg.head_dim, positions)
+    q_scale = (query_scale(cfg.rope, positions) * np.float32(1.0 / np.sqrt(cfg.head_dim)))[:, None]
     np_dtype = np.float16 if dtype == TensorProto.FLOAT16 else np.float32
     names = []
-    for table, hint in ((cos, "cos_cache"), (sin, "sin_cache")):
+    for table, hint in ((cos * q_scale, "q_cos_cache"), (sin * q_scale, "q_sin_cache"), (cos, "cos_cache"),
+                        (sin, "sin_cache")):
         name = graph.fresh(hint)
         graph.g.initializer.append(numpy_helper.from_array(table[:, : cfg.head_dim // 2].astype(np_dtype), name))
         names.append(name)
-    return names[0], names[1]
+    return tuple(names)
 
 
 def _op(graph: Graph, op_type: str, *inputs: str, domain: str = "", **attrs) -> str:
@@ -89,16 +96,15 @@ def _masks(graph: Graph, seam: dict[str, str], groups: int) -> tuple[str, str, s
     return past, new, split
 
 
-def _attention(graph: Graph, seam: dict[str, str], meta: dict, rope: tuple[str, str], q_scale: str,
+def _attention(graph: Graph, seam: dict[str, str], meta: dict, rope: tuple[str, str, str, str],
                masks: tuple[str, str, str], layer: int, dtype: int) -> tuple[str, str]:
     """One layer's attention into ``seam["out"]``; returns its (new key, new value) [B, KV, S, D]."""
     heads, kv, dim = meta["num_heads"], meta["num_kv_heads"], meta["head_dim"]
     groups = heads // kv
-    cos, sin = rope
+    q_cos, q_sin, cos, sin = rope
     mask_past, mask_new, split = masks
-    q = _op(graph, "RotaryEmbedding", seam["q"], "position_ids", cos, sin, domain=MS_DOMAIN, num_heads=heads,
-            interleaved=0)
-    q = _op(graph, "Mul", q, q_scale)  # [B, S, H*D]
+    q = _op(graph, "RotaryEmbedding", seam["q"], "position_ids", q_cos, q_sin, domain=MS_DOMAIN, num_heads=heads,
+            interleaved=0)  # [B, S, H*D], scaled
     q = _op(graph, "Transpose", _op(graph, "Reshape", q, graph.const([0, 0, kv, groups, dim])), perm=[0, 2, 3, 1, 4])
     q = _op(graph, "Reshape", q, graph.const([0, kv, -1, dim]))  # [B, KV, G*S, D], row g*S + s
     k = _op(graph, "RotaryEmbedding", seam["k"], "position_ids", cos, sin, domain=MS_DOMAIN, num_heads=kv,
@@ -124,6 +130,36 @@ def _attention(graph: Graph, seam: dict[str, str], meta: dict, rope: tuple[str, 
     out = _op(graph, "Transpose", out, perm=[0, 3, 1, 2, 4])  # [B, S, KV, G, D]
     graph.add("Reshape", [out, graph.const([0, 0, heads * dim])], [seam["out"]])
     return new_k, new_v
+
+
+def _skip_norms(graph: Graph) -> int:
+    """Each residual Add that an RMSNorm reads -> one ``com.microsoft.SkipSimplifiedLayerNormalization``
+    whose fourth output is the sum, still read by the next residual Add: two nodes fewer per norm
+    after ONNX Runtime's own fusion. Matches the exporter's float32 norm (decoder.py: Pow,
+    ReduceMean, Add eps, Sqrt, Div, Mul weight)."""
+    def made_by(name: str, op_type: str):
+        node = graph.producer.get(name)
+        return node if node is not None and node.op_type == op_type else None
+
+    count = 0
+    for div in [n for n in graph.g.node if n.op_type == "Div"]:
+        x = div.input[0]
+        sqrt = made_by(div.input[1], "Sqrt")
+        add_eps = sqrt and made_by(sqrt.input[0], "Add")
+        mean = add_eps and made_by(add_eps.input[0], "ReduceMean")
+        square = mean and made_by(mean.input[0], "Pow")
+        residual = made_by(x, "Add")
+        scale = graph.consumers[div.output[0]]
+        if not (square and residual and square.input[0] == x and len(scale) == 1 and scale[0].op_type == "Mul"
+                and add_eps.input[1] in graph.inits):
+            continue
+        eps = float(numpy_helper.to_array(graph.inits[add_eps.input[1]]))
+        for node in (residual, square, mean, add_eps, sqrt, div, scale[0]):
+            graph.g.node.remove(node)
+        graph.add("SkipSimplifiedLayerNormalization", [*residual.input, scale[0].input[1]], [scale[0].output[0], "", "", x],
+                  domain=MS_DOMAIN, epsilon=eps)
+        count += 1
+    return count
 
 
 def _rows_head(graph: Graph) -> bool:
@@ -156,16 +192,14 @@ def write_cpu_graph(decoder_path: str | Path, cfg: TextConfig, context_length: i
     past = next(i for i in model.graph.input if i.name == seams[0]["past_key"])
     dtype = past.type.tensor_type.elem_type
     graph = Graph(model, decoder_path)
-    shared = shared_rope(graph, seams)
+    shared_rope(graph, seams)  # one set of tables: what the caches replace
     rope = _rope_caches(graph, cfg, context_length, dtype)
-    q_scale = graph.fresh("q_scale")  # [B, S, 1], broadcast over the heads
-    graph.add("Reshape", [expanded_q_scale(graph, {**seams[0], **shared}), graph.const([0, -1, 1])], [q_scale])
     masks = _masks(graph, seams[0], meta["num_heads"] // meta["num_kv_heads"])
     news = []
     for layer, seam in enumerate(seams):
         for old in ("out", "present_key", "present_value"):  # the old block's ends; the rest is pruned
             graph.g.node.remove(graph.producer[seam[old]])
-        news.append(_attention(graph, seam, meta, rope, q_scale, masks, layer, dtype))
+        news.append(_attention(graph, seam, meta, rope, masks, layer, dtype))
     cache_shape = ["batch", meta["num_kv_heads"], ops.CACHE_DIM, meta["head_dim"]]
     new_shape = ["batch", meta["num_kv_heads"], "seq", meta["head_dim"]]
     graph.replace_cache_io(
@@ -175,5 +209,7 @@ def write_cpu_graph(decoder_path: str | Path, cfg: TextConfig, context_length: i
            for seam in seams],
         [helper.make_tensor_value_info(name, dtype, new_shape) for pair in news for name in pair])
     rows_head = _rows_head(graph)
+    skip_norms = _skip_norms(graph) if dtype == TensorProto.FLOAT else 0
     return save_rewritten(graph, props, out_path, [helper.make_opsetid(MS_DOMAIN, 1)],
-                          {"target": "onnxruntime", "attention": len(seams), "matmul_nbits_head": rows_head})
+                          {"target": "onnxruntime", "attention": len(seams), "matmul_nbits_head": rows_head,
+                           "skip_norms": skip_norms})

@@ -5,16 +5,19 @@ JetPack 6 lacks the opset-23 Attention / RotaryEmbedding / RMSNormalization ops.
 is one function here (`_rms_norm`, `_rope`, `_attention`): the seam where a TensorRT plugin can
 replace it later.
 
-Linears come out in one of three forms, chosen by what the quantizer produced:
+Linears come out in one of these forms, chosen by what the quantizer produced (and, for the
+head, the profile's runtime):
 - float: `MatMul(x, W^T)`;
-- INT4: `DequantizeLinear(int4 W^T, scales, axis=0, block_size)` -> `MatMul` (ONNX Runtime fuses
-  this into MatMulNBits; TensorRT into its INT4 weight-only GEMM);
+- INT4 (INT8 for an INT8 head): `DequantizeLinear(int4 W^T, scales, axis=0, block_size)` ->
+  `MatMul` (ONNX Runtime fuses this into MatMulNBits; TensorRT into its weight-only GEMM);
 - the INT4 / INT8 head of an ONNX Runtime package (``head_rows``): `DequantizeLinear(uint W,
   scales, zero points, axis=1, block_size)` -> `Transpose` -> `MatMul`. W [vocab, hidden] holds
   each code + 8 (uint4) or + 128 (uint8): the bytes ONNX Runtime's MatMulNBits reads as they are
   (the CPU graph runs it so, export/cpu_graph.py), and a token's embedding row is contiguous for
   the host lookup of a tied model. The W^T form would be rearranged at load into a second copy
   (0.2 GB of INT4 for 3B), and the lookups would touch every page of the file's copy;
+- FP8: `QuantizeLinear/DequantizeLinear(x)` in float8e4m3fn with the static input scale, and
+  `DequantizeLinear(fp8 W^T, weight_scale)` -> `MatMul`.
 Linears that share an input (q/k/v, gate/up) are one MatMul over their weights side by side and a
 Split, when they are float or INT4 (FP8 ones each keep their input scale).
 """
@@ -58,7 +61,7 @@ class DecoderGraph:
         self.cfg = cfg
         self.tensors = tensors
         self.linears = linears
-        self.head = head  # an Int4Linear [vocab, hidden], or None: the float tensors["lm_head.weight"]
+        self.head = head  # Int4Linear / Int8Linear [vocab, hidden]; None: the float tensors["lm_head.weight"]
         self.head_rows = head_rows and isinstance(head, (Int4Linear, Int8Linear))
         self.dtype = dtype
         self.onnx_dtype = TensorProto.FLOAT if dtype == "float32" else TensorProto.FLOAT16

@@ -70,7 +70,7 @@ def _drives(cpu_graph) -> bool:
 
 def _session(path: Path, options, accuracy_level: int, model=None):
     """A CPU session for the graph at ``path``. MatMulNBits nodes the graph states itself (the CPU
-    graph's INT4 head) get ``accuracy_level``, as the DequantizeLinear -> MatMul pairs ONNX Runtime
+    graph's INT4 / INT8 head) get ``accuracy_level``, as the DequantizeLinear -> MatMul pairs ONNX Runtime
     fuses do from the session option: the graph is then passed as bytes, its weights read from
     beside ``path``. ``model``: the graph already loaded without its weights."""
     import onnx
