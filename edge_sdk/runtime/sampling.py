@@ -16,10 +16,9 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray) -> int:
         p = self.params
-        logits = np.asarray(logits, dtype=np.float64).reshape(-1)
-        if p.temperature == 0.0:
+        if p.temperature == 0.0:  # float32 and its float64 image have the same first maximum
             return int(np.argmax(logits))
-        logits = logits / p.temperature
+        logits = np.asarray(logits, dtype=np.float64).reshape(-1) / p.temperature
         if 0 < p.top_k < logits.size:
             kth = np.partition(logits, -p.top_k)[-p.top_k]
             logits = np.where(logits < kth, -np.inf, logits)
