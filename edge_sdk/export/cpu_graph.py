@@ -134,9 +134,9 @@ def _attention(graph: Graph, seam: dict[str, str], meta: dict, rope: tuple[str, 
 
 def _skip_norms(graph: Graph) -> int:
     """Each residual Add that an RMSNorm reads -> one ``com.microsoft.SkipSimplifiedLayerNormalization``
-    whose fourth output is the sum, still read by the next residual Add: two nodes fewer per norm
-    after ONNX Runtime's own fusion. Matches the exporter's float32 norm (decoder.py: Pow,
-    ReduceMean, Add eps, Sqrt, Div, Mul weight)."""
+    whose fourth output is the sum, still read by the next residual Add (ONNX Runtime's own fusion
+    leaves an Add and a SimplifiedLayerNormalization). Matches the exporter's float32 norm
+    (decoder.py: Pow, ReduceMean, Add eps, Sqrt, Div, Mul weight)."""
     def made_by(name: str, op_type: str):
         node = graph.producer.get(name)
         return node if node is not None and node.op_type == op_type else None
@@ -156,8 +156,8 @@ def _skip_norms(graph: Graph) -> int:
         eps = float(numpy_helper.to_array(graph.inits[add_eps.input[1]]))
         for node in (residual, square, mean, add_eps, sqrt, div, scale[0]):
             graph.g.node.remove(node)
-        graph.add("SkipSimplifiedLayerNormalization", [*residual.input, scale[0].input[1]], [scale[0].output[0], "", "", x],
-                  domain=MS_DOMAIN, epsilon=eps)
+        graph.add("SkipSimplifiedLayerNormalization", [*residual.input, scale[0].input[1]],
+                  [scale[0].output[0], "", "", x], domain=MS_DOMAIN, epsilon=eps)
         count += 1
     return count
 

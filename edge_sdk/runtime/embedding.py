@@ -2,10 +2,10 @@
 
 The table has the LM head's form (for a tied model it is the decoder's head itself, stored once):
 W^T [hidden, vocab], float or INT4 / INT8 with block scales, or W [vocab, hidden] in the rows form
-of ONNX Runtime packages (unsigned codes: INT4 + 8, INT8 + 128). It is memory-mapped from the external
-data, so a lookup touches only the bytes of the looked-up tokens (a few pages per token in the
-rows forms, a byte in every row of W^T) and nothing is dequantized but them; both backends use
-it (ONNX Runtime would dequantize the whole table to run embed.onnx).
+of ONNX Runtime packages (unsigned codes: INT4 + 8, INT8 + 128). Nothing of it is loaded: rows-form
+tables are read a row per token with pread (`FileRows`), W^T tables memory-mapped (a column is a
+byte in every row), and nothing is dequantized but the looked-up tokens. Both backends use it
+(ONNX Runtime would dequantize the whole table to run embed.onnx).
 """
 
 from __future__ import annotations
@@ -93,9 +93,9 @@ class EmbeddingTable:
 
 class FileRows:
     """Rows of an external initializer, read with pread as they are indexed (``rows[ids]``). A
-    memory map would be counted in the process's memory for far more than the rows read: on this
-    kernel a fault maps the whole page-cache folio around it, ~1 MB a token, and one generation's
-    lookups mapped nearly all of a 3B model's 0.2 GB head."""
+    memory map would be counted in the process's memory for far more than the rows read: on Linux
+    6.x a fault maps the whole large page-cache folio around it (~1 MB a token measured here), and
+    one generation's lookups mapped nearly all of a 3B model's 0.2 GB head."""
 
     def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype):
         self.file = open(path, "rb", buffering=0)
