@@ -1,6 +1,6 @@
 """What watch jobs (watch.py) and listen jobs (listen.py) share: clients' named jobs by
-(client, job id) under one lock, a limit on how many run, idempotent registration, and cancel by
-id, by client, or by a client's Last Will."""
+(client, job id) under one lock, a limit on how many run, idempotent registration, cancel by id,
+by client, or by a client's Last Will, and the one thread that ticks them."""
 
 from __future__ import annotations
 
@@ -10,14 +10,34 @@ from typing import Any
 
 from edge_sdk.serve.transport import Refusal
 
+TICK_S = 0.02  # the job thread's resolution
+
 
 class JobRegistry(abc.ABC):
-    """Subclasses hold jobs with a ``spec`` (``client``, ``reply_topic``) and define ``_end``."""
+    """Subclasses hold jobs with a ``spec`` (``client``, ``reply_topic``) and define ``_end`` and
+    ``_tick_jobs`` (one pass of the job thread)."""
 
     def __init__(self, kind: str, limit_setting: str, limit: int):
         self.kind, self.limit_setting, self.limit = kind, limit_setting, limit
         self._lock = threading.Lock()
         self._jobs: dict[tuple[str, str], Any] = {}
+        self._stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def _start_thread(self) -> None:
+        self.thread = threading.Thread(target=self._run, name=f"edge-sdk-{self.kind}", daemon=True)
+        self.thread.start()
+
+    def _stop_thread(self) -> None:
+        self._stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=3.0)
+
+    def _run(self) -> None:
+        while not self._stop.wait(TICK_S):
+            with self._lock:
+                jobs = list(self._jobs.values())
+            self._tick_jobs(jobs)
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -60,3 +80,7 @@ class JobRegistry(abc.ABC):
     @abc.abstractmethod
     def _end(self, job: Any, reason: str) -> None:
         """Remove ``job`` and send its last event (idempotent)."""
+
+    @abc.abstractmethod
+    def _tick_jobs(self, jobs: list[Any]) -> None:
+        """One pass of the job thread, every ``TICK_S``, over the jobs registered at its start."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -36,7 +35,6 @@ from edge_sdk.serve.scheduler import Job
 
 log = logging.getLogger("edge_sdk.serve.listen")
 
-TICK_S = 0.02  # the listen thread's resolution
 CHUNK_MS = 64  # microphone chunks: two VAD frames
 
 
@@ -115,8 +113,6 @@ class ListenManager(JobRegistry):
         self._runs: list[_Run] = []
         self._ears: dict[str, _Ear] = {}
         self._errors: dict[str, str] = {}
-        self._stop = threading.Event()
-        self.thread: threading.Thread | None = None
 
     @property
     def names(self) -> list[str]:
@@ -142,13 +138,10 @@ class ListenManager(JobRegistry):
                 continue
             self._ears[name] = _Ear(name, mic)
             log.info("microphone %s: %s", name, source)
-        self.thread = threading.Thread(target=self._loop, name="edge-sdk-listen", daemon=True)
-        self.thread.start()
+        self._start_thread()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self.thread is not None:
-            self.thread.join(timeout=3.0)
+        self._stop_thread()
         for job in list(self._jobs.values()):
             self._end(job, "stopping")
         for ear in self._ears.values():
@@ -188,19 +181,16 @@ class ListenManager(JobRegistry):
 
     # --- the listen thread ---------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        while not self._stop.wait(TICK_S):
-            wall = time.time()
-            with self._lock:
-                jobs = list(self._jobs.values())
-            for job in jobs:
-                if job.spec.expires_at is not None and wall >= job.spec.expires_at:
-                    self._end(job, "expired")
-            for ear in self._ears.values():
-                try:
-                    self._hear(ear, [j for j in jobs if j.spec.microphone == ear.name and not j.ended])
-                except Exception:  # one broken microphone must not stop the others
-                    log.exception("microphone %s: listening failed", ear.name)
+    def _tick_jobs(self, jobs: list[ListenJob]) -> None:
+        wall = time.time()
+        for job in jobs:
+            if job.spec.expires_at is not None and wall >= job.spec.expires_at:
+                self._end(job, "expired")
+        for ear in self._ears.values():
+            try:
+                self._hear(ear, [j for j in jobs if j.spec.microphone == ear.name and not j.ended])
+            except Exception:  # one broken microphone must not stop the others
+                log.exception("microphone %s: listening failed", ear.name)
 
     def _hear(self, ear: _Ear, jobs: list[ListenJob]) -> None:
         """Everything ``ear`` delivered since the last tick, through the segmenters its jobs need."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +39,6 @@ from edge_sdk.serve.scheduler import WATCH_PRIORITY, Job
 
 log = logging.getLogger("edge_sdk.serve.watch")
 
-TICK_S = 0.02  # the watch thread's resolution
 RETRY_S = 0.1  # retry period while a camera has no fresh frame / an on_change job sees no change
 STORE_VERSION = 1
 
@@ -97,8 +95,6 @@ class WatchManager(JobRegistry):
         self.hub = hub
         self.enqueue = enqueue
         self.publish = publish
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.stats = {"runs": 0, "skipped": 0}
         self.store: Path | None = Path(self.s.watch_store) if self.s.watch_store else None
 
@@ -106,17 +102,10 @@ class WatchManager(JobRegistry):
 
     def start(self) -> None:
         self._restore()
-        self._thread = threading.Thread(target=self._loop, name="edge-sdk-watch", daemon=True)
-        self._thread.start()
+        self._start_thread()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=3.0)
-
-    @property
-    def thread(self) -> threading.Thread | None:
-        return self._thread
+        self._stop_thread()
 
     def jobs(self) -> list[WatchSpec]:
         with self._lock:
@@ -172,20 +161,17 @@ class WatchManager(JobRegistry):
 
     # --- the watch thread ----------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        while not self._stop.wait(TICK_S):
-            now = time.monotonic()
-            wall = time.time()
-            with self._lock:
-                jobs = list(self._jobs.values())
-            for job in jobs:
-                if job.ended:
-                    continue
-                try:
-                    self._tick(job, now, wall)
-                except Exception:  # one broken job must not stop the others
-                    log.exception("watch job %s/%s tick failed", *job.key)
-                    job.next_due = now + job.spec.every_s
+    def _tick_jobs(self, jobs: list[WatchJob]) -> None:
+        now = time.monotonic()
+        wall = time.time()
+        for job in jobs:
+            if job.ended:
+                continue
+            try:
+                self._tick(job, now, wall)
+            except Exception:  # one broken job must not stop the others
+                log.exception("watch job %s/%s tick failed", *job.key)
+                job.next_due = now + job.spec.every_s
 
     def _tick(self, job: WatchJob, now: float, wall: float) -> None:
         sp = job.spec
