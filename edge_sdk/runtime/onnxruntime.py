@@ -176,23 +176,25 @@ class OnnxRuntimeBackend:
         if self.in_place:
             return self._forward_in_place(embeds, position_ids, cache)
         session = self.sessions["decoder"]
-        binding = self._bind_inputs(session, embeds, position_ids)
-        for name, value in cache.values.items():
-            binding.bind_ortvalue_input(name, value)
-        for name in self.output_names:
-            binding.bind_output(name, "cpu")
+        binding = self._binding(session, embeds, position_ids, cache.values)
         session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         presents = {name.replace("present_", "past_"): value
                     for name, value in zip(self.output_names[1:], outputs[1:])}
         return outputs[0].numpy()[0], OrtCache(presents)
 
-    def _bind_inputs(self, session, embeds: np.ndarray, position_ids: np.ndarray, *extra):
+    def _binding(self, session, embeds: np.ndarray, position_ids: np.ndarray, caches: dict[str, object], *extra):
+        """A step's IO binding: its inputs (``extra``: more (name, array) pairs), the caches' OrtValues
+        (read in place, no copy), and every output to a fresh CPU tensor."""
         binding = session.io_binding()
         binding.bind_cpu_input("inputs_embeds", np.asarray(embeds, dtype=self.dtype).reshape(1, -1, embeds.shape[-1]))
         binding.bind_cpu_input("position_ids", np.asarray(position_ids, dtype=np.int64).reshape(1, -1))
         for name, value in extra:
             binding.bind_cpu_input(name, value)
+        for name, value in caches.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
         return binding
 
     def _forward_in_place(self, embeds: np.ndarray, position_ids: np.ndarray,
@@ -214,12 +216,8 @@ class OnnxRuntimeBackend:
             session.run_with_iobinding(io.binding)
             logits, news = io.outputs["logits"][0].copy(), io.outputs
         else:
-            binding = self._bind_inputs(session, embeds, position_ids,
-                                        ("past_lengths", np.array([cache.length], dtype=np.int32)))
-            for name, value in cache.values.items():  # read in place: no copy of the cache
-                binding.bind_ortvalue_input(name, value)
-            for name in self.output_names:
-                binding.bind_output(name, "cpu")
+            binding = self._binding(session, embeds, position_ids, cache.values,
+                                    ("past_lengths", np.array([cache.length], dtype=np.int32)))
             session.run_with_iobinding(binding)
             values = [v.numpy() for v in binding.get_outputs()]
             logits, news = values[0][0], dict(zip(self.output_names, values))
