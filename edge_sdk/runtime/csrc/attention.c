@@ -1,0 +1,223 @@
+/* Grouped-query attention for one decode or prefill step on the CPU, over a KV cache the caller
+ * owns (runtime/attention.py): RoPE, the step's keys and values written into the cache in place,
+ * then each query row attends to the cache positions it may see.
+ *
+ * Why a kernel of our own: ONNX Runtime's matrix products pack the cache (their B matrix) before
+ * reading it, and its GroupQueryAttention reads the cache once per query head; both reach a
+ * fraction of the memory bandwidth at long contexts. Here each key and value row is read once
+ * per step for the G = heads / kv_heads query heads of its group, from a float32 or float16
+ * cache (float16 halves the bytes a step reads).
+ *
+ * Layouts (one sequence): q [S, heads * D], k, v [S, kv_heads * D] float32, before RoPE;
+ * key_cache, value_cache [kv_heads, capacity, D]; out [S, heads * D]. RoPE (rotate-half, as
+ * ONNX Runtime's RotaryEmbedding with interleaved=0) reads cos/sin tables [rows, D / 2] at each
+ * token's position; q's tables carry the query scale. Position s of the step sees cache positions
+ * 0 .. length + s.
+ *
+ * Work is split into (KV head, position) units over a small pool of threads that sleep between
+ * calls (ONNX Runtime's own threads run the rest of the step; spinning ones would steal their
+ * cores). The unit is built for AVX2 and, where the CPU has it, AVX-512 (attention_unit.h).
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#define MAX_GROUPS 16
+#define MAX_THREADS 64
+#ifndef KEY_BLOCK
+#define KEY_BLOCK 32       /* value rows per block: 8-16 KB, kept in L1 across the output slices */
+#endif
+#ifndef PREFETCH_ROWS
+#define PREFETCH_ROWS 16   /* how far ahead of the key being scored its row is fetched */
+#endif
+#define ROWS_PER_THREAD 4096 /* cached rows a step must read per thread before threads pay off */
+
+struct step {
+    int seq, heads, kv_heads, head_dim, capacity, length, half;
+    const float *q; /* rotated and scaled */
+    void *key_cache, *value_cache;
+    float *out;
+};
+
+/* Asks for bytes [offset, offset + size) of a cache ahead of use: the slices of a row are read
+ * with strides the hardware prefetcher follows late. Callers keep to filled rows: a hint into
+ * pages never touched costs a page walk for nothing. */
+static inline void prefetch_bytes(const void *cache, size_t offset, size_t size) {
+    for (size_t at = 0; at < size; at += 64) __builtin_prefetch((const char *)cache + offset + at);
+}
+
+#define VL 8
+#define UNIT(name) name##_vl8
+#include "attention_unit.h"
+#undef UNIT
+#undef VL
+
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,fma,f16c")
+#define VL 16
+#define UNIT(name) name##_vl16
+#include "attention_unit.h"
+#undef UNIT
+#undef VL
+#pragma GCC pop_options
+#endif
+
+typedef void (*unit_fn)(const struct step *, int, int, float *);
+
+/* dst = x rotated by position `pos` of (cos, sin), for `heads` heads of D values each. */
+static void rotate(float *dst, const float *x, int heads, int D, const float *cos, const float *sin, long long pos) {
+    const int half = D / 2;
+    cos += pos * half;
+    sin += pos * half;
+    for (int h = 0; h < heads; h++, dst += D, x += D)
+        for (int i = 0; i < half; i++) {
+            dst[i] = x[i] * cos[i] - x[i + half] * sin[i];
+            dst[i + half] = x[i + half] * cos[i] + x[i] * sin[i];
+        }
+}
+
+/* Position s's keys (rotated, in `k_rotated`) and values into the caches at length + s. */
+static void store_rows(const struct step *st, const float *k_rotated, const float *v) {
+    const int D = st->head_dim;
+    for (int h = 0; h < st->kv_heads; h++, k_rotated += D, v += D) {
+        size_t at = ((size_t)h * st->capacity + st->length) * D;
+        for (int d = 0; d < D; d++) {
+            if (st->half) {
+                ((_Float16 *)st->key_cache)[at + d] = (_Float16)k_rotated[d];
+                ((_Float16 *)st->value_cache)[at + d] = (_Float16)v[d];
+            } else {
+                ((float *)st->key_cache)[at + d] = k_rotated[d];
+                ((float *)st->value_cache)[at + d] = v[d];
+            }
+        }
+    }
+}
+
+/* ---- the thread pool: workers sleep on a condition variable between calls ---- */
+
+struct job {
+    const struct step *st;
+    unit_fn unit;
+    int units, next, failed; /* next: the first unit no thread has taken (atomic) */
+};
+
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t wake, done;
+    int started;       /* workers alive */
+    int slots;         /* helpers this job still takes */
+    int busy;          /* helpers that took a slot and have not finished */
+    unsigned long generation;
+    struct job *job;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, NULL};
+
+static void run_units(struct job *job) {
+    const struct step *st = job->st;
+    float *scores = malloc(sizeof(float) * (st->heads / st->kv_heads) * (size_t)(st->length + st->seq));
+    if (!scores) {
+        __atomic_store_n(&job->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    for (int u; (u = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED)) < job->units;)
+        job->unit(st, u % st->kv_heads, u / st->kv_heads, scores);
+    free(scores);
+}
+
+static void *worker(void *arg) {
+    (void)arg;
+    unsigned long seen = 0;
+    pthread_mutex_lock(&pool.lock);
+    for (;;) {
+        while (pool.generation == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+        seen = pool.generation;
+        if (pool.slots == 0) continue;
+        pool.slots--;
+        struct job *job = pool.job;
+        pthread_mutex_unlock(&pool.lock);
+        run_units(job);
+        pthread_mutex_lock(&pool.lock);
+        if (--pool.busy == 0) pthread_cond_signal(&pool.done);
+    }
+    return NULL;
+}
+
+/* A forked child has none of the parent's workers. */
+static void forget_workers(void) {
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pthread_cond_init(&pool.done, NULL);
+    pool.started = pool.busy = 0;
+}
+
+static void watch_forks(void) { pthread_atfork(NULL, NULL, forget_workers); }
+
+static void run_parallel(struct job *job, int threads) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, watch_forks);
+    pthread_mutex_lock(&pool.lock);
+    while (pool.started < threads - 1) {
+        pthread_t thread;
+        if (pthread_create(&thread, NULL, worker, NULL)) break;
+        pthread_detach(thread);
+        pool.started++;
+    }
+    pool.job = job;
+    pool.slots = pool.busy = threads - 1 < pool.started ? threads - 1 : pool.started;
+    pool.generation++;
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+    run_units(job);
+    pthread_mutex_lock(&pool.lock);
+    pool.busy -= pool.slots; /* helpers not yet awake when the work ran out: not waited for */
+    pool.slots = 0;
+    while (pool.busy > 0) pthread_cond_wait(&pool.done, &pool.lock);
+    pthread_mutex_unlock(&pool.lock);
+}
+
+static unit_fn pick_unit(int head_dim) {
+#if defined(__x86_64__)
+    if (head_dim % 32 == 0 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) return attend_unit_vl16;
+#endif
+    (void)head_dim;
+    return attend_unit_vl8;
+}
+
+/* Returns 0; -1 for shapes or positions this kernel does not take (the caller checks them
+ * first), -2 when scratch memory cannot be had. */
+int edge_attention(int seq, int heads, int kv_heads, int head_dim, int capacity, int length, int cache_bits,
+                   const long long *positions, int rope_rows, const float *q_cos, const float *q_sin,
+                   const float *k_cos, const float *k_sin, const float *q, const float *k, const float *v,
+                   void *key_cache, void *value_cache, float *out, int threads) {
+    if (seq < 1 || kv_heads < 1 || heads % kv_heads || heads / kv_heads > MAX_GROUPS || head_dim % 16
+        || length < 0 || length + seq > capacity || (cache_bits != 16 && cache_bits != 32))
+        return -1;
+    for (int s = 0; s < seq; s++)
+        if (positions[s] < 0 || positions[s] >= rope_rows) return -1;
+    const size_t q_size = (size_t)heads * head_dim, kv_size = (size_t)kv_heads * head_dim;
+    float *rotated = malloc(sizeof(float) * (seq * q_size + kv_size));
+    if (!rotated) return -2;
+    struct step st = {seq, heads, kv_heads, head_dim, capacity, length, cache_bits == 16, rotated, key_cache,
+                      value_cache, out};
+    float *k_rotated = rotated + seq * q_size;
+    for (int s = 0; s < seq; s++) {
+        rotate(rotated + s * q_size, q + s * q_size, heads, head_dim, q_cos, q_sin, positions[s]);
+        rotate(k_rotated, k + s * kv_size, kv_heads, head_dim, k_cos, k_sin, positions[s]);
+        struct step at = st;
+        at.length = length + s;
+        store_rows(&at, k_rotated, v + s * kv_size);
+    }
+    struct job job = {&st, pick_unit(head_dim), kv_heads * seq, 0, 0};
+    const double rows = (double)kv_heads * seq * (length + (seq + 1) / 2.0);
+    int want = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    if (rows < (double)ROWS_PER_THREAD * 2) want = 1;
+    if (want == 1) run_units(&job);
+    else run_parallel(&job, want);
+    free(rotated);
+    return job.failed ? -2 : 0;
+}

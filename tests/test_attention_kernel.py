@@ -1,0 +1,138 @@
+"""The CPU attention kernel (runtime/attention.py over csrc/attention.c) against a NumPy reference
+written from the definition, in float64: RoPE (rotate-half) at each token's position, the step's
+keys and values stored at cache positions length .. length + S - 1, then causal grouped-query
+attention, token s seeing cache positions 0 .. length + s.
+
+With a float16 cache the reference reads the cache as the kernel left it (the stored keys and
+values rounded to float16), so both caches are held to the same tolerance: what differs is only
+the order of float32 sums."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import numpy as np
+import pytest
+
+from edge_sdk.runtime import attention
+
+ROPE_ROWS = 2048
+
+
+def _tables(head_dim: int, rng) -> attention.RopeTables:
+    angles = rng.uniform(0, 2 * np.pi, (4, ROPE_ROWS, head_dim // 2))
+    q_scale = rng.uniform(0.05, 0.2, (ROPE_ROWS, 1))  # the query scale rides on q's tables
+    return attention.RopeTables(*(np.ascontiguousarray(t, dtype=np.float32) for t in
+                                  (np.cos(angles[0]) * q_scale, np.sin(angles[0]) * q_scale,
+                                   np.cos(angles[1]), np.sin(angles[1]))))
+
+
+def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _reference(q, k, v, positions, tables, key_cache, length):
+    """(out [S, H*D], rotated keys [KV, S, D]) in float64; reads the values from the cache."""
+    seq, kv_heads, dim = len(positions), key_cache.shape[0], key_cache.shape[2]
+    heads = q.shape[1] // dim
+    t = {name: getattr(tables, name)[positions].astype(np.float64)[:, None] for name in
+         ("q_cos", "q_sin", "k_cos", "k_sin")}
+    qr = _rotate(q.reshape(seq, heads, dim).astype(np.float64), t["q_cos"], t["q_sin"])
+    kr = _rotate(k.reshape(seq, kv_heads, dim).astype(np.float64), t["k_cos"], t["k_sin"])
+    return qr, kr.transpose(1, 0, 2)
+
+
+def _attend(qr, key_cache, value_cache, length):
+    seq, heads, dim = qr.shape
+    kv_heads = key_cache.shape[0]
+    keys, values = key_cache.astype(np.float64), value_cache.astype(np.float64)
+    out = np.zeros((seq, heads, dim))
+    for s in range(seq):
+        for h in range(heads):
+            g = h // (heads // kv_heads)
+            scores = keys[g, :length + s + 1] @ qr[s, h]
+            p = np.exp(scores - scores.max())
+            out[s, h] = (p / p.sum()) @ values[g, :length + s + 1]
+    return out.reshape(seq, heads * dim)
+
+
+def _step(heads, kv_heads, dim, length, seq, dtype, threads, seed=0):
+    rng = np.random.default_rng(seed)
+    tables = _tables(dim, rng)
+    kernel = attention.AttentionKernel(attention.load(), heads, kv_heads, dim, tables, threads)
+    capacity = length + seq + 3
+    key_cache = np.full((kv_heads, capacity, dim), 7, dtype=dtype)  # 7: marks rows the step must not touch
+    value_cache = np.full((kv_heads, capacity, dim), 7, dtype=dtype)
+    key_cache[:, :length] = rng.standard_normal((kv_heads, length, dim))
+    value_cache[:, :length] = rng.standard_normal((kv_heads, length, dim))
+    q = rng.standard_normal((seq, heads * dim)).astype(np.float32)
+    k = rng.standard_normal((seq, kv_heads * dim)).astype(np.float32)
+    v = rng.standard_normal((seq, kv_heads * dim)).astype(np.float32)
+    positions = np.arange(length, length + seq) * 3 % ROPE_ROWS  # RoPE reads the positions it is given
+    before = key_cache.copy()
+    out = np.empty_like(q)
+    kernel(q, k, v, positions, key_cache, value_cache, length, out)
+    qr, kr = _reference(q, k, v, positions, tables, key_cache, length)
+    return dict(out=out, want=_attend(qr, key_cache, value_cache, length), kr=kr, v=v, before=before,
+                key_cache=key_cache, value_cache=value_cache, length=length, seq=seq)
+
+
+SHAPES = [(4, 2, 16), (32, 8, 128), (6, 2, 32), (8, 8, 32)]  # tiny; Ministral 3; 3 per group; one per group
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", SHAPES)
+@pytest.mark.parametrize("length,seq", [(0, 1), (0, 6), (37, 1), (37, 5)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_kernel_matches_the_definition(heads, kv_heads, dim, length, seq, dtype):
+    r = _step(heads, kv_heads, dim, length, seq, dtype, threads=2)
+    np.testing.assert_allclose(r["out"], r["want"], atol=1e-5, rtol=0)
+    kv = r["key_cache"].shape[0]
+    new = slice(r["length"], r["length"] + r["seq"])
+    rounding = 2.0 ** -11 if dtype == np.float16 else 1e-6  # the stored key: the rotation, rounded once
+    np.testing.assert_allclose(r["key_cache"][:, new], r["kr"], rtol=rounding, atol=1e-6)
+    np.testing.assert_array_equal(r["value_cache"][:, new],
+                                  r["v"].reshape(r["seq"], kv, -1).transpose(1, 0, 2).astype(dtype))
+    untouched = np.ones(r["key_cache"].shape[1], bool)
+    untouched[new] = False
+    np.testing.assert_array_equal(r["key_cache"][:, untouched], r["before"][:, untouched])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_kernel_on_threads_matches_one_thread(dtype):
+    """Long enough (1,100 cached rows x 8 KV heads) that the work is split across threads."""
+    one, two = (_step(32, 8, 128, 1100, 1, dtype, threads=t) for t in (1, 2))
+    np.testing.assert_allclose(two["out"], two["want"], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(one["out"], two["out"])  # each unit is computed whole by one thread
+
+
+def _threaded_step_in_child(queue):
+    r = _step(32, 8, 128, 1100, 1, np.float16, threads=2)
+    queue.put(float(np.abs(r["out"] - r["want"]).max()))
+
+
+def test_kernel_threads_work_in_a_forked_child():
+    """A process forked after the kernel started its threads (a daemon forking a helper) has none
+    of them; its calls still finish, and right."""
+    _step(32, 8, 128, 1100, 1, np.float16, threads=2)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_threaded_step_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) < 1e-5
+
+
+def test_kernel_refuses_what_it_does_not_take():
+    rng = np.random.default_rng(0)
+    kernel = attention.AttentionKernel(attention.load(), 4, 2, 16, _tables(16, rng), 1)
+    cache = np.zeros((2, 8, 16), np.float32)
+    q, kv = np.zeros((1, 64), np.float32), np.zeros((1, 32), np.float32)
+    with pytest.raises(RuntimeError, match="refused a step"):
+        kernel(q, kv, kv, np.array([ROPE_ROWS]), cache, cache.copy(), 0, q.copy())  # past the RoPE tables
+    with pytest.raises(RuntimeError, match="refused a step"):
+        kernel(q, kv, kv, np.array([3]), cache, cache.copy(), 8, q.copy())  # the cache is full
+    assert attention.supports(32, 8, 128) and attention.supports(4, 2, 16)
+    assert not attention.supports(32, 8, 24) and not attention.supports(30, 8, 128)
