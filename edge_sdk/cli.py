@@ -33,19 +33,22 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def _add_backend(p: argparse.ArgumentParser, default_accuracy: int = 4) -> None:
+def _add_backend(p: argparse.ArgumentParser, default_accuracy: int = 4, default_kv: str = "float16") -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
                    help="auto: TensorRT when a GPU and engines are present, else ONNX Runtime")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")
     p.add_argument("--accuracy-level", type=int, default=default_accuracy, choices=[0, 1, 2, 3, 4],
                    help=f"ONNX Runtime INT4 kernel: 4 = int8 activations (fast), 0 = exact float "
                         f"(default {default_accuracy})")
+    p.add_argument("--kv-cache", default=default_kv, choices=["float16", "float32"],
+                   help="ONNX Runtime: what the KV cache holds; float16 halves what a long-context step reads, "
+                        f"float32 keeps the graph's exact arithmetic (default {default_kv})")
 
 
 def _backend_options(args) -> dict:
     if args.backend == "tensorrt":
         return {}
-    return {"threads": args.threads, "accuracy_level": args.accuracy_level}
+    return {"threads": args.threads, "accuracy_level": args.accuracy_level, "kv_cache": args.kv_cache}
 
 
 def cmd_build(args) -> int:
@@ -242,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the logits or greedy tokens diverge beyond the stated tolerance.")
     p.add_argument("engine", help="engine package directory")
     p.add_argument("--run", action="store_true", help="run the golden prompts and compare with the recorded outputs")
-    _add_backend(p, default_accuracy=0)
+    _add_backend(p, default_accuracy=0, default_kv="float32")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("compile", help="compile a package's ONNX graphs into TensorRT engines (on the device)",

@@ -1,6 +1,9 @@
 """The CPU graph (grouped attention over preallocated KV buffers, nothing concatenated) against
 the standard graph it is derived from: same logits and greedy tokens over a long generation that
-crosses the query-scale steps, through chunked prefill and several regrowths of the buffers."""
+crosses the query-scale steps, through chunked prefill (and, for the graph's own attention,
+several regrowths of the buffers). Both ways the CPU graph runs are held to it: cut at its
+attentions with the attention kernel between the pieces (runtime/segments.py), and whole, as
+where no kernel is installed."""
 
 from __future__ import annotations
 
@@ -8,21 +11,33 @@ import numpy as np
 import pytest
 
 import edge_sdk
+from edge_sdk.runtime import attention
 from edge_sdk.runtime import onnxruntime as ort_backend
 from edge_sdk.runtime.types import ContextOverflowError
 
 N_NEW = 60  # positions 12 .. 72: past the 16/32/48/64 query-scale steps of the tiny config
 
 
+def _without_kernel(monkeypatch):
+    def unavailable():
+        raise attention.KernelUnavailable("none installed (test)")
+
+    monkeypatch.setattr(attention, "load", unavailable)
+
+
+@pytest.mark.parametrize("attention_by", ["kernel", "graph"])
 @pytest.mark.parametrize("quant,recipe", [("none", {}), ("int4", dict(block_size=32)), ("fp8", {}),
                                           ("int4", dict(block_size=32, head="int4"))])  # + the MatMulNBits head
-def test_cpu_graph_matches_standard_graph(tiny_checkpoints, build_package, monkeypatch, quant, recipe):
+def test_cpu_graph_matches_standard_graph(tiny_checkpoints, build_package, monkeypatch, quant, recipe, attention_by):
     monkeypatch.setattr(ort_backend, "CAPACITY_STEP", 16)  # 16 -> 32 -> ... -> 80 within the run
     monkeypatch.setattr(ort_backend, "PREFILL_CHUNK", 3)  # the 7- and 5-token prefills run as 3 + 3 + 1, 3 + 2
     pkg = build_package(tiny_checkpoints["mm_tied"], quant, **recipe)
-    fused = edge_sdk.load(pkg, accuracy_level=0)
+    if attention_by == "graph":
+        _without_kernel(monkeypatch)
+    fused = edge_sdk.load(pkg, accuracy_level=0, kv_cache="float32")
     standard = edge_sdk.load(pkg, accuracy_level=0, graph="decoder")
     assert fused.backend.in_place and not standard.backend.in_place
+    assert (fused.backend.segmented is not None) == (attention_by == "kernel")
     prompt = [1, 3, 1091, 1500, 2041, 1201, 3333, 1044, 4, 1600, 1200, 1300]
     runs = []
     for backend in (fused.backend, standard.backend):
@@ -38,7 +53,8 @@ def test_cpu_graph_matches_standard_graph(tiny_checkpoints, build_package, monke
     (got_tokens, got, cache), (want_tokens, want, _) = runs
     assert got_tokens == want_tokens
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
-    assert cache.length == 12 + N_NEW and cache.capacity == 80
+    assert cache.length == 12 + N_NEW
+    assert cache.capacity == (fused.context_length if attention_by == "kernel" else 80)
     head = fused.manifest.extra.get("head_report", {}).get("format")  # int4 / int8: in the rows form
     _assert_fused(pkg, layers=fused.manifest.model.text.num_layers, rows_head=head in ("int4", "int8"))
 
@@ -92,3 +108,79 @@ def test_a_package_with_an_older_cpu_graph_runs_its_standard_graph(tiny_checkpoi
     assert not old.backend.in_place and "from an older edge_sdk" in caplog.text
     want = edge_sdk.load(pkg, verify=False, graph="decoder").generate([1, 3, 1091, 1500], max_tokens=6).tokens
     assert old.generate([1, 3, 1091, 1500], max_tokens=6).tokens == want
+
+
+@pytest.mark.parametrize("quant,recipe", [("none", {}), ("int4", dict(block_size=32, head="int4"))])
+def test_float16_kv_cache_stays_close_to_float32(tiny_checkpoints, build_package, quant, recipe):
+    """The default float16 cache against the float32 one, teacher-forced over 60 steps: float16
+    keeps 11 bits of each key and value (relative rounding 2^-11); these packages move their
+    logits by ~6e-4 of the largest for it (measured), bounded here at 5e-3, with the same top-1
+    token at every step. (The kernel's float16 arithmetic itself is held to 1e-5 against the
+    definition in test_attention_kernel.py.)"""
+    pkg = build_package(tiny_checkpoints["mm_tied"], quant, **recipe)
+    ids = np.random.default_rng(0).integers(5, 4000, 12 + N_NEW)
+    runs = []
+    for kv_cache in ("float32", "float16"):
+        backend = edge_sdk.load(pkg, accuracy_level=0, kv_cache=kv_cache).backend
+        assert backend.segmented is not None and backend.cache_dtype == np.dtype(kv_cache)
+        cache = backend.new_cache()
+        logits, cache = backend.forward(backend.embed(ids[:12]), np.arange(12), cache)
+        steps = [logits]
+        for pos in range(12, 12 + N_NEW):
+            logits, cache = backend.forward(backend.embed(ids[pos:pos + 1]), np.array([pos]), cache)
+            steps.append(logits)
+        runs.append(np.stack(steps))
+    full, half = runs
+    assert (np.abs(half - full).max(axis=-1) / np.abs(full).max(axis=-1)).max() < 5e-3
+    np.testing.assert_array_equal(half.argmax(-1), full.argmax(-1))
+
+
+def test_cut_graph_runs_each_weight_once_and_no_graph_attention(tiny_checkpoints, build_package):
+    """The cut (runtime/segments.py): layers + 1 pieces; no attention node of the graph's own
+    left in them (the kernel does it); every weight in exactly one piece, with the weight-only
+    nodes that read it (an INT4 weight's DequantizeLinear goes with its MatMul, so ONNX Runtime
+    still fuses the pair: a dequantized float copy never crosses from one session to another)."""
+    import onnx
+
+    from edge_sdk.runtime import segments
+
+    pkg = build_package(tiny_checkpoints["mm_tied"], "int4", block_size=32, head="int4")
+    graph = onnx.load(str(pkg / "decoder.cpu.onnx"), load_external_data=False)
+    cuts = segments.attention_cuts(graph)
+    pieces = segments.cut(graph, cuts)
+    assert len(pieces) == len(cuts["layers"]) + 1
+    kinds = {n.op_type for piece in pieces for n in piece.graph.node}
+    assert not kinds & {"Softmax", "FusedMatMul", "RotaryEmbedding"}
+    assert {"DequantizeLinear", "MatMulNBits", "SkipSimplifiedLayerNormalization"} <= kinds
+    weights = [t.name for piece in pieces for t in piece.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(weights) == len(set(weights))
+    for piece in pieces:
+        made = {o for n in piece.graph.node for o in n.output}
+        for node in piece.graph.node:
+            if node.op_type == "DequantizeLinear":
+                assert all(c.output[0] in made for c in piece.graph.node if node.output[0] in c.input)
+        crossing = [i.name for i in piece.graph.input]
+        assert not [name for name in crossing if name.startswith("dequantizelinear")]
+
+
+def test_a_cpu_graph_without_attention_cuts_runs_whole(tiny_checkpoints, build_package, tmp_path, caplog):
+    """A package from before the attention kernel (no cuts in its CPU graph) still runs its CPU
+    graph, whole, and the log says to rebuild."""
+    import shutil
+
+    import onnx
+
+    from edge_sdk.runtime import segments
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(build_package(tiny_checkpoints["mm_tied"], "none"), pkg)
+    graph = onnx.load(str(pkg / "decoder.cpu.onnx"), load_external_data=False)
+    kept = [p for p in graph.metadata_props if p.key != segments.ATTENTION_CUTS_KEY]
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(kept)
+    onnx.save_model(graph, str(pkg / "decoder.cpu.onnx"))
+    with caplog.at_level("WARNING"):
+        model = edge_sdk.load(pkg, verify=False)
+    assert model.backend.in_place and model.backend.segmented is None
+    assert "from before the attention kernel" in caplog.text
+    assert len(model.generate([1, 3, 1091, 1500], max_tokens=4, stop_token_ids=()).tokens) == 4

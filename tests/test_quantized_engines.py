@@ -41,7 +41,8 @@ def test_quantized_engine_matches_dequantized_reference(tiny_checkpoints, build_
     quant, recipe, tol = CASES[case]
     ckpt_dir = tiny_checkpoints[shape]
     ckpt = open_checkpoint(ckpt_dir)
-    model = edge_sdk.load(build_package(ckpt_dir, quant, **recipe), accuracy_level=0)  # exact INT4 kernel
+    model = edge_sdk.load(build_package(ckpt_dir, quant, **recipe), accuracy_level=0,  # exact INT4 kernel
+                          kv_cache="float32")
     qm = quantize(ckpt, QuantRecipe(method=quant, **recipe), encode=model.tokenizer.encode, progress=False)
     tokens, ref_logits = reference_greedy(qm, ckpt.config.text, PROMPT, N_NEW)
     got = model.generate(PROMPT, max_tokens=N_NEW)

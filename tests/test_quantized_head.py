@@ -25,7 +25,7 @@ def test_head_engine_matches_dequantized_reference(tiny_checkpoints, build_packa
     ckpt_dir = tiny_checkpoints[shape]
     ckpt = open_checkpoint(ckpt_dir)
     pkg = build_package(ckpt_dir, "int4", block_size=32, head=head)
-    model = edge_sdk.load(pkg, accuracy_level=0)
+    model = edge_sdk.load(pkg, accuracy_level=0, kv_cache="float32")
     qm = quantize(ckpt, QuantRecipe(method="int4", block_size=32, head=head), encode=model.tokenizer.encode,
                   progress=False)
     tokens, ref_logits = reference_greedy(qm, ckpt.config.text, PROMPT, N_NEW)

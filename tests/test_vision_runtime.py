@@ -42,7 +42,7 @@ def picture(h: int, w: int, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def vlm(tiny_checkpoints, build_package):
-    return tiny_checkpoints["mm_tied"], edge_sdk.load(build_package(tiny_checkpoints["mm_tied"]))
+    return tiny_checkpoints["mm_tied"], edge_sdk.load(build_package(tiny_checkpoints["mm_tied"]), kv_cache="float32")
 
 
 @pytest.mark.parametrize("sizes", [[(60, 90)], [(60, 90), (100, 40)]], ids=["one", "two"])

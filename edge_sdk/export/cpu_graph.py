@@ -19,6 +19,10 @@ Per layer:
 - The step's new keys and values are outputs (``new_key.{i}``/``new_value.{i}`` [B, KV, S, D]);
   the backend writes them into the buffers after the step (runtime/onnxruntime.py).
 
+The graph also names, per layer, where its attention starts and ends (q, k, v before RoPE; the
+attention output) and its RoPE tables: the CPU backend cuts the graph there and runs its own
+attention kernel between the pieces (runtime/segments.py).
+
 Residual adds with the RMSNorm after them become ``com.microsoft.SkipSimplifiedLayerNormalization``.
 An INT4 / INT8 head in the rows form (export/decoder.py) becomes one ``com.microsoft.MatMulNBits``
 over the same bytes: ONNX Runtime prepacks it as it is, without first rearranging a copy. Its
@@ -27,6 +31,7 @@ over the same bytes: ONNX Runtime prepacks it as it is, without first rearrangin
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +40,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..models.config import TextConfig
 from ..models.ministral3 import query_scale, rope_cos_sin
 from ..plugins import ops
+from ..runtime.segments import ATTENTION_CUTS_KEY
 from .decoder import HEAD_NAMES, NEG_INF
 from .graph_rewrite import Graph, beside, byte_view, load_decoder, save_rewritten, shared_rope
 
@@ -210,6 +216,9 @@ def write_cpu_graph(decoder_path: str | Path, cfg: TextConfig, context_length: i
         [helper.make_tensor_value_info(name, dtype, new_shape) for pair in news for name in pair])
     rows_head = _rows_head(graph)
     skip_norms = _skip_norms(graph) if dtype == TensorProto.FLOAT else 0
+    cuts = {"layers": [{k: seam[k] for k in ("q", "k", "v", "out", "past_key", "past_value")} for seam in seams],
+            "rope": list(rope)}
+    props = {**props, ATTENTION_CUTS_KEY: json.dumps(cuts)}
     return save_rewritten(graph, props, out_path, [helper.make_opsetid(MS_DOMAIN, 1)],
                           {"target": "onnxruntime", "attention": len(seams), "matmul_nbits_head": rows_head,
                            "skip_norms": skip_norms})

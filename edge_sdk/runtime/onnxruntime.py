@@ -4,12 +4,16 @@ These are the graphs TensorRT compiles on a Jetson, so running them here in CI c
 artifact that ships. `accuracy_level` picks ONNX Runtime's MatMulNBits kernel for INT4 weights:
 4 quantizes activations to int8 (fast), 0 keeps them in float (exact, for golden tests).
 
-Two decoder forms, one interface:
-- `decoder.cpu.onnx` (CPU-profile packages; export/cpu_graph.py): attention that reads KV
-  buffers this backend preallocates (bound without a copy) and returns the step's new keys and
+Three ways to run the decoder, one interface:
+- `decoder.cpu.onnx` cut at its attentions (runtime/segments.py), where the attention kernel is
+  installed: a session per stretch between attentions, the kernel between them writing into KV
+  buffers this backend makes for the whole context (float16 by default) and reading only the
+  filled rows;
+- `decoder.cpu.onnx` whole (CPU-profile packages; export/cpu_graph.py), where it is not:
+  attention that reads the KV buffers (bound without a copy) and returns the step's new keys and
   values, which this backend writes into the buffers. They grow in 256-token steps (one copy
-  per step size, not per token); prompts are prefilled in 256-token chunks; one-token steps
-  run on inputs and outputs bound once per set of buffers (`DecodeIO`);
+  per step size, not per token); one-token steps run on inputs and outputs bound once per set of
+  buffers (`DecodeIO`). Both CPU-graph forms prefill prompts in 256-token chunks;
 - `decoder.onnx` (the standard graph, any package): past/present concatenated by the graph each
   step; presents are bound as the next step's pasts without a copy out to NumPy.
 `graph="decoder"` forces the standard one.
@@ -25,11 +29,15 @@ from pathlib import Path
 import numpy as np
 
 from .embedding import EmbeddingTable
+from .segments import SegmentedDecoder
 from .types import ContextOverflowError
 
 log = logging.getLogger(__name__)
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+#: What the attention kernel's KV buffers may hold: float16 halves the bytes a long-context step
+#: reads; float32 keeps it exactly the graph's arithmetic (for the exact tests).
+KV_CACHE_DTYPES = ("float16", "float32")
 
 
 @dataclass
@@ -67,9 +75,10 @@ class InPlaceCache:
         return next(iter(self.arrays.values())).shape[2]
 
 
-#: Buffers grow in steps of this many tokens (up to the package's context): the CPU graph reads
-#: the whole buffer every step, so unused room costs bandwidth, while a regrowth's copy, once per
-#: step size, costs little.
+#: The whole CPU graph's buffers grow in steps of this many tokens (up to the package's context):
+#: its attention reads the whole buffer every step, so unused room costs bandwidth, while a
+#: regrowth's copy, once per step size, costs little. (The attention kernel's buffers are made
+#: for the whole context at once: it reads only what is filled.)
 CAPACITY_STEP = 256
 #: The CPU graph runs a longer prompt in chunks of this many tokens: its attention scores take
 #: heads x chunk x (cache + chunk) floats, ~150 MB per layer at 256 tokens after 4,096.
@@ -83,20 +92,20 @@ def _drives(cpu_graph) -> bool:
 
 
 def _session(path: Path, options, accuracy_level: int, model=None):
-    """A CPU session for the graph at ``path``. MatMulNBits nodes the graph states itself (the CPU
-    graph's INT4 / INT8 head) get ``accuracy_level``, as the DequantizeLinear -> MatMul pairs ONNX Runtime
-    fuses do from the session option: the graph is then passed as bytes, its weights read from
-    beside ``path``. ``model``: the graph already loaded without its weights."""
+    """A CPU session for the graph at ``path``, or for ``model`` (a graph loaded or made without
+    its weights, which are read from beside ``path``: ``options`` name that folder). MatMulNBits nodes the graph states itself
+    (the CPU graph's INT4 / INT8 head) get ``accuracy_level``, as the DequantizeLinear -> MatMul
+    pairs ONNX Runtime fuses do from the session option."""
     import onnx
     import onnxruntime as ort
 
-    model = model if model is not None else onnx.load(str(path), load_external_data=False)
+    given = model is not None
+    model = model if given else onnx.load(str(path), load_external_data=False)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    if not nbits:
+    if not (given or nbits):
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     for node in nbits:
         next(a for a in node.attribute if a.name == "accuracy_level").i = accuracy_level
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -104,18 +113,27 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, package_dir: Path, manifest, threads: int | None = None, accuracy_level: int = 4,
-                 graph: str | None = None):
+                 graph: str | None = None, kv_cache: str = "float16"):
         import onnx
         import onnxruntime as ort
 
         if accuracy_level not in ACCURACY_LEVELS:
             raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {accuracy_level}")
+        if kv_cache not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache!r}")
         self.accuracy_level = accuracy_level
+        self.threads = threads or os.cpu_count() or 1
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.intra_op_num_threads = self.threads
+        # Each session's threads spin between the nodes of a run, then stop: a cut CPU graph runs a
+        # session per layer, and threads left spinning after theirs would take the cores from the
+        # next session and the attention kernel.
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
         options.log_severity_level = 3  # keep ONNX Runtime's shape-merge chatter out of user logs
         self.package_dir = Path(package_dir)
+        # Where the weights of graphs passed as bytes (_session) are: every graph's sit in the package.
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.package_dir))
         role = graph or ("decoder_cpu" if "decoder_cpu" in manifest.graphs else "decoder")
         if role not in ("decoder", "decoder_cpu") or role not in manifest.graphs:
             raise ValueError(f"{package_dir}: no {role!r} graph to run (graphs: {', '.join(manifest.graphs)})")
@@ -125,28 +143,67 @@ class OnnxRuntimeBackend:
             log.warning("%s: its %s is from an older edge_sdk (a fused-attention graph this runtime no longer "
                         "drives); running decoder.onnx instead. Rebuild the package for the faster CPU graph.",
                         package_dir, manifest.graphs[role].file)
-            role, decoder_path, decoder_graph = "decoder", self.package_dir / manifest.graphs["decoder"].file, None
+            role = "decoder"
+            decoder_path = self.package_dir / manifest.graphs["decoder"].file
+            decoder_graph = onnx.load(str(decoder_path), load_external_data=False)
         self.in_place = role == "decoder_cpu"
         self.context_length = manifest.context_length
-        self.sessions = {"decoder": _session(decoder_path, options, accuracy_level, decoder_graph)}
+        self.cache_names = [i.name for i in decoder_graph.graph.input if i.name.startswith(("past_key", "past_value"))]
+        past = next(i for i in decoder_graph.graph.input if i.name == self.cache_names[0])
+        self.kv_heads, self.head_dim = (past.type.tensor_type.shape.dim[a].dim_value for a in (1, 3))
+        self.dtype = np.float16 if past.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else np.float32
+        self.sessions = {}
+        self.segmented = (self._segmented(decoder_path, decoder_graph, options, manifest.model.text.num_heads)
+                          if self.in_place else None)
+        if self.segmented is None:
+            self.sessions["decoder"] = _session(decoder_path, options, accuracy_level, decoder_graph)
+            self.output_names = [o.name for o in self.sessions["decoder"].get_outputs()]
+        self.cache_dtype = np.dtype(kv_cache) if self.segmented else np.dtype(self.dtype)
         self.sessions.update({r: _session(self.package_dir / manifest.graphs[r].file, options, accuracy_level)
                               for r in ("vision", "audio") if r in manifest.graphs})
         self.embeddings = EmbeddingTable.open(self.package_dir / manifest.graphs["embed"].file)
-        decoder = self.sessions["decoder"]
-        self.cache_names = [i.name for i in decoder.get_inputs() if i.name.startswith("past_key")
-                            or i.name.startswith("past_value")]
-        self.output_names = [o.name for o in decoder.get_outputs()]
-        past = next(i for i in decoder.get_inputs() if i.name == self.cache_names[0])
-        self.kv_heads, self.head_dim = past.shape[1], past.shape[3]
-        self.dtype = np.float16 if "float16" in past.type else np.float32
-        log.info("onnxruntime backend: %d threads, INT4 accuracy level %d, %s graphs, %s KV cache",
-                 options.intra_op_num_threads, accuracy_level, np.dtype(self.dtype).name,
-                 "in-place" if self.in_place else "concatenated")
+        log.info("onnxruntime backend: %d threads, INT4 accuracy level %d, %s graphs, %s, %s KV cache",
+                 self.threads, accuracy_level, np.dtype(self.dtype).name,
+                 "attention kernel" if self.segmented else "graph attention",
+                 f"in-place {self.cache_dtype.name}" if self.in_place else "concatenated")
+
+    def _segmented(self, path: Path, graph, options, heads: int) -> SegmentedDecoder | None:
+        """The CPU graph cut at its attentions, with the attention kernel between the pieces; None
+        (and the reason, logged) where this host or package cannot: the whole graph runs then."""
+        from . import attention, segments
+
+        cuts = segments.attention_cuts(graph)
+        if cuts is None:
+            log.warning("%s: from before the attention kernel (no %s); running its graph attention. Rebuild the "
+                        "package for faster decoding.", path, segments.ATTENTION_CUTS_KEY)
+            return None
+        if self.dtype != np.float32 or not attention.supports(heads, self.kv_heads, self.head_dim):
+            log.warning("%s: %s graph with %d/%d heads of %d: not a shape the attention kernel takes; running its "
+                        "graph attention", path, np.dtype(self.dtype).name, heads, self.kv_heads, self.head_dim)
+            return None
+        try:
+            library = attention.load()
+        except attention.KernelUnavailable as exc:
+            log.warning("attention kernel unavailable (%s); running the CPU graph's own attention, slower at long "
+                        "contexts", exc)
+            return None
+        kernel = attention.AttentionKernel(library, heads, self.kv_heads, self.head_dim,
+                                           segments.rope_tables(graph, cuts, path), self.threads)
+        pieces, types = [], {}
+        for model in segments.cut(graph, cuts):
+            segments.with_input_types(model, types)
+            session = _session(path, options, self.accuracy_level, model)
+            types.update(segments.output_types(session))
+            pieces.append(segments.Segment(session, [i.name for i in session.get_inputs()],
+                                           [o.name for o in session.get_outputs()]))
+        return SegmentedDecoder(pieces, cuts, kernel)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.embeddings.lookup(ids)
 
     def new_cache(self) -> OrtCache | InPlaceCache:
+        if self.segmented:  # reads only the filled rows; untouched pages of the rest take no memory
+            return self._buffers(self.context_length)
         if self.in_place:
             return self._buffers(min(CAPACITY_STEP, self.context_length))
         import onnxruntime as ort
@@ -158,12 +215,12 @@ class OnnxRuntimeBackend:
         """Buffers of ``capacity`` tokens, holding ``old``'s cached tokens if given."""
         import onnxruntime as ort
 
-        arrays = {name: np.zeros((1, self.kv_heads, capacity, self.head_dim), dtype=self.dtype)
+        arrays = {name: np.zeros((1, self.kv_heads, capacity, self.head_dim), dtype=self.cache_dtype)
                   for name in self.cache_names}
         if old is not None:
             for name, array in arrays.items():
                 array[:, :, :old.length] = old.arrays[name][:, :, :old.length]
-        values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+        values = {} if self.segmented else {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
         return InPlaceCache(arrays, values, old.length if old is not None else 0)
 
     def forward(self, embeds: np.ndarray, position_ids: np.ndarray, cache: OrtCache | InPlaceCache):
@@ -207,6 +264,10 @@ class OnnxRuntimeBackend:
         if need > cache.capacity:
             capacity = -(-need // CAPACITY_STEP) * CAPACITY_STEP
             cache = self._buffers(min(capacity, self.context_length), cache)
+        if self.segmented:
+            logits = self.segmented.step(np.asarray(embeds, dtype=self.dtype), position_ids, cache.arrays, cache.length)
+            cache.length = need
+            return logits, cache
         session = self.sessions["decoder"]
         if n == 1:
             io = cache.decode_io = cache.decode_io or self._decode_io(cache)
