@@ -35,7 +35,9 @@
 #ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 16   /* how far ahead of the key being scored its row is fetched */
 #endif
+#ifndef ROWS_PER_THREAD
 #define ROWS_PER_THREAD 4096 /* cached rows a step must read per thread before threads pay off */
+#endif
 
 struct step {
     int seq, heads, kv_heads, head_dim, capacity, length, half;
