@@ -162,11 +162,24 @@ def _piece(model, nodes: list, seg: int, node_segment: dict[int, int], constant:
     return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
+@dataclass
+class DecodeBindings:
+    """A one-token step's tensors as NumPy arrays, bound once to an IO binding per piece: a decode
+    step then copies its embedding and position in and its logits out, with no feeds, output
+    allocations or conversions per piece; the kernel reads q, k, v from and writes its output
+    into the same arrays."""
+
+    bindings: list
+    arrays: dict[str, np.ndarray]
+    values: list  # the OrtValues over those arrays, kept alive with them
+
+
 class SegmentedDecoder:
     """One step of the decoder: the segments' sessions with the attention kernel between them."""
 
     def __init__(self, segments: list[Segment], cuts: dict, kernel: AttentionKernel):
         self.segments, self.layers, self.kernel = segments, cuts["layers"], kernel
+        self.decode: DecodeBindings | None = None  # bound after the first one-token step
 
     @classmethod
     def open(cls, graph, cuts: dict, kernel: AttentionKernel, make_session) -> SegmentedDecoder:
@@ -186,15 +199,48 @@ class SegmentedDecoder:
         already in the buffers ``arrays`` ([1, KV, capacity, D] each); this step's keys and
         values are written into them."""
         positions = np.ascontiguousarray(position_ids, dtype=np.int64).reshape(-1)
+        if len(positions) == 1 and self.decode is not None:
+            return self._decode_step(embeds, positions, arrays, length)
         values = {"inputs_embeds": embeds.reshape(1, *embeds.shape), "position_ids": positions.reshape(1, -1)}
         for i, segment in enumerate(self.segments):
             outs = segment.session.run(segment.outputs, {name: values[name] for name in segment.inputs})
             values.update(zip(segment.outputs, outs))
             if i == len(self.layers):
-                return values["logits"][0]
+                break
             layer = self.layers[i]
             q, k, v = (np.ascontiguousarray(values[layer[n]][0], dtype=np.float32) for n in ("q", "k", "v"))
             out = np.empty_like(q)
             self.kernel(q, k, v, positions, arrays[layer["past_key"]][0], arrays[layer["past_value"]][0], length, out)
             values[layer["out"]] = out[None]
-        raise AssertionError("unreachable: the last segment returns the logits")
+        if len(positions) == 1:
+            self.decode = self._bind(values)
+        return values["logits"][0]
+
+    def _decode_step(self, embeds, positions, arrays, length) -> np.ndarray:
+        io = self.decode
+        io.arrays["inputs_embeds"][...] = embeds
+        io.arrays["position_ids"][...] = positions
+        for i, (segment, binding) in enumerate(zip(self.segments, io.bindings)):
+            segment.session.run_with_iobinding(binding)
+            if i == len(self.layers):
+                return io.arrays["logits"][0].copy()
+            layer = self.layers[i]
+            self.kernel(*(io.arrays[layer[n]][0] for n in ("q", "k", "v")), positions, arrays[layer["past_key"]][0],
+                        arrays[layer["past_value"]][0], length, io.arrays[layer["out"]][0])
+        raise AssertionError("unreachable: the last piece makes the logits")
+
+    def _bind(self, values: dict[str, np.ndarray]) -> DecodeBindings:
+        """Bindings over copies of one one-token step's tensors (their shapes are every one's)."""
+        import onnxruntime as ort
+
+        arrays = {name: np.array(value, order="C") for name, value in values.items()}
+        ort_values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+        bindings = []
+        for segment in self.segments:
+            binding = segment.session.io_binding()
+            for name in segment.inputs:
+                binding.bind_ortvalue_input(name, ort_values[name])
+            for name in segment.outputs:
+                binding.bind_ortvalue_output(name, ort_values[name])
+            bindings.append(binding)
+        return DecodeBindings(bindings, arrays, list(ort_values.values()))
