@@ -107,6 +107,25 @@ def test_kernel_on_threads_matches_one_thread(dtype):
     np.testing.assert_array_equal(one["out"], two["out"])  # each unit is computed whole by one thread
 
 
+def test_kernel_called_from_two_threads_at_once():
+    """ctypes lets go of the GIL: two Python threads may be in the kernel together. The one that
+    finds the thread pool taken does its work on its own thread; both get their own answers."""
+    import threading
+
+    results = [None] * 4
+
+    def run(i):
+        results[i] = _step(32, 8, 128, 1100, 1, np.float16, threads=2, seed=i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for r in results:
+        np.testing.assert_allclose(r["out"], r["want"], atol=1e-5, rtol=0)
+
+
 def _threaded_step_in_child(queue):
     r = _step(32, 8, 128, 1100, 1, np.float16, threads=2)
     queue.put(float(np.abs(r["out"] - r["want"]).max()))

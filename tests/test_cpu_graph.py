@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import edge_sdk
-from edge_sdk.runtime import attention
+from edge_sdk.runtime import attention, segments
 from edge_sdk.runtime import onnxruntime as ort_backend
 from edge_sdk.runtime.types import ContextOverflowError
 
@@ -55,6 +55,8 @@ def test_cpu_graph_matches_standard_graph(tiny_checkpoints, build_package, monke
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
     assert cache.length == 12 + N_NEW
     assert cache.capacity == (fused.context_length if attention_by == "kernel" else 80)
+    if attention_by == "kernel":  # the one-token steps after the first ran on the pieces' bindings
+        assert isinstance(cache.decode_io, segments.DecodeBindings)
     head = fused.manifest.extra.get("head_report", {}).get("format")  # int4 / int8: in the rows form
     _assert_fused(pkg, layers=fused.manifest.model.text.num_layers, rows_head=head in ("int4", "int8"))
 
@@ -142,8 +144,6 @@ def test_cut_graph_runs_each_weight_once_and_no_graph_attention(tiny_checkpoints
     still fuses the pair: a dequantized float copy never crosses from one session to another)."""
     import onnx
 
-    from edge_sdk.runtime import segments
-
     pkg = build_package(tiny_checkpoints["mm_tied"], "int4", block_size=32, head="int4")
     graph = onnx.load(str(pkg / "decoder.cpu.onnx"), load_external_data=False)
     cuts = segments.attention_cuts(graph)
@@ -170,8 +170,6 @@ def test_a_cpu_graph_without_attention_cuts_runs_whole(tiny_checkpoints, build_p
 
     import onnx
 
-    from edge_sdk.runtime import segments
-
     pkg = tmp_path / "pkg"
     shutil.copytree(build_package(tiny_checkpoints["mm_tied"], "none"), pkg)
     graph = onnx.load(str(pkg / "decoder.cpu.onnx"), load_external_data=False)
@@ -184,3 +182,34 @@ def test_a_cpu_graph_without_attention_cuts_runs_whole(tiny_checkpoints, build_p
     assert model.backend.in_place and model.backend.segmented is None
     assert "from before the attention kernel" in caplog.text
     assert len(model.generate([1, 3, 1091, 1500], max_tokens=4, stop_token_ids=()).tokens) == 4
+
+
+def test_a_step_interrupted_by_another_sequence_keeps_its_own(tiny_checkpoints, build_package):
+    """The daemon's worker and an in-process caller may generate on one model at once, and a step
+    can be interrupted anywhere (ONNX Runtime and the kernel let go of the GIL). Made to happen at
+    the worst place: inside sequence A's first attention, a whole step of sequence B runs. A's
+    logits are still its own: each sequence's bindings live with its cache."""
+    model = edge_sdk.load(build_package(tiny_checkpoints["mm_tied"], "int4", block_size=32), kv_cache="float32")
+    backend = model.backend
+
+    def primed(prompt):  # a cache after the prompt and one decode step (which makes the bindings)
+        cache = backend.new_cache()
+        _, cache = backend.forward(backend.embed(np.array(prompt)), np.arange(len(prompt)), cache)
+        _, cache = backend.forward(backend.embed(np.array([7])), np.array([len(prompt)]), cache)
+        return cache
+
+    a_prompt, b_prompt = [1, 3, 1091, 1500, 2041], [1, 3, 1201, 3333, 1044, 4, 1600]
+    want, _ = backend.forward(backend.embed(np.array([11])), np.array([6]), primed(a_prompt))
+    a, b = primed(a_prompt), primed(b_prompt)
+    kernel, interrupted = backend.segmented.kernel, []
+
+    def interrupting(*args):
+        if not interrupted:
+            interrupted.append(True)
+            backend.forward(backend.embed(np.array([13])), np.array([8]), b)
+        kernel(*args)
+
+    backend.segmented.kernel = interrupting
+    got, _ = backend.forward(backend.embed(np.array([11])), np.array([6]), a)
+    assert interrupted and b.length == 9
+    np.testing.assert_array_equal(got, want)

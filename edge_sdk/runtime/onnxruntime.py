@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .embedding import EmbeddingTable
-from .segments import SegmentedDecoder
+from .segments import DecodeBindings, SegmentedDecoder
 from .types import ContextOverflowError
 
 log = logging.getLogger(__name__)
@@ -63,12 +63,14 @@ class DecodeIO:
 @dataclass
 class InPlaceCache:
     """CPU graph: per-layer key and value buffers [1, kv_heads, capacity, head_dim] (NumPy arrays
-    and the OrtValues over their memory), of which the first `length` positions are filled."""
+    and, for the whole graph, the OrtValues over their memory), of which the first `length`
+    positions are filled; and this sequence's one-token bindings (its own, so that generations
+    on other threads never share them)."""
 
     arrays: dict[str, np.ndarray]
     values: dict[str, object]
     length: int = 0
-    decode_io: DecodeIO | None = None  # made by the first one-token step over these buffers
+    decode_io: DecodeIO | DecodeBindings | None = None  # made by the first one-token step over these buffers
 
     @property
     def capacity(self) -> int:
@@ -80,8 +82,9 @@ class InPlaceCache:
 #: regrowth's copy, once per step size, costs little. (The attention kernel's buffers are made
 #: for the whole context at once: it reads only what is filled.)
 CAPACITY_STEP = 256
-#: The CPU graph runs a longer prompt in chunks of this many tokens: its attention scores take
-#: heads x chunk x (cache + chunk) floats, ~150 MB per layer at 256 tokens after 4,096.
+#: The CPU graph runs a longer prompt in chunks of this many tokens: the whole graph's attention
+#: scores take heads x chunk x (cache + chunk) floats, ~150 MB per layer at 256 tokens after
+#: 4,096; cut, it keeps each piece's activations (chunk x 9,216 floats for the MLP) bounded.
 PREFILL_CHUNK = 256
 
 
@@ -268,7 +271,8 @@ class OnnxRuntimeBackend:
             capacity = -(-need // CAPACITY_STEP) * CAPACITY_STEP
             cache = self._buffers(min(capacity, self.context_length), cache)
         if self.segmented:
-            logits = self.segmented.step(np.asarray(embeds, dtype=self.dtype), position_ids, cache.arrays, cache.length)
+            logits, cache.decode_io = self.segmented.step(np.asarray(embeds, dtype=self.dtype), position_ids,
+                                                          cache.arrays, cache.length, cache.decode_io)
             cache.length = need
             return logits, cache
         session = self.sessions["decoder"]

@@ -179,7 +179,6 @@ class SegmentedDecoder:
 
     def __init__(self, segments: list[Segment], cuts: dict, kernel: AttentionKernel):
         self.segments, self.layers, self.kernel = segments, cuts["layers"], kernel
-        self.decode: DecodeBindings | None = None  # bound after the first one-token step
 
     @classmethod
     def open(cls, graph, cuts: dict, kernel: AttentionKernel, make_session) -> SegmentedDecoder:
@@ -193,14 +192,16 @@ class SegmentedDecoder:
                     for i, piece in enumerate(pieces)]
         return cls(segments, cuts, kernel)
 
-    def step(self, embeds: np.ndarray, position_ids: np.ndarray, arrays: dict[str, np.ndarray],
-             length: int) -> np.ndarray:
-        """Logits [S, vocab] for ``embeds`` [S, H] at ``position_ids`` [S], with ``length`` tokens
-        already in the buffers ``arrays`` ([1, KV, capacity, D] each); this step's keys and
-        values are written into them."""
+    def step(self, embeds: np.ndarray, position_ids: np.ndarray, arrays: dict[str, np.ndarray], length: int,
+             bindings: DecodeBindings | None) -> tuple[np.ndarray, DecodeBindings | None]:
+        """(logits [S, vocab], bindings) for ``embeds`` [S, H] at ``position_ids`` [S], with
+        ``length`` tokens already in the buffers ``arrays`` ([1, KV, capacity, D] each); this
+        step's keys and values are written into them. ``bindings``: one sequence's (the caller
+        keeps them with its cache: generations on other threads have their own), made by its
+        first one-token step and used by the next ones."""
         positions = np.ascontiguousarray(position_ids, dtype=np.int64).reshape(-1)
-        if len(positions) == 1 and self.decode is not None:
-            return self._decode_step(embeds, positions, arrays, length)
+        if len(positions) == 1 and bindings is not None:
+            return self._decode_step(embeds, positions, arrays, length, bindings), bindings
         values = {"inputs_embeds": embeds.reshape(1, *embeds.shape), "position_ids": positions.reshape(1, -1)}
         for i, segment in enumerate(self.segments):
             outs = segment.session.run(segment.outputs, {name: values[name] for name in segment.inputs})
@@ -212,12 +213,9 @@ class SegmentedDecoder:
             out = np.empty_like(q)
             self.kernel(q, k, v, positions, arrays[layer["past_key"]][0], arrays[layer["past_value"]][0], length, out)
             values[layer["out"]] = out[None]
-        if len(positions) == 1:
-            self.decode = self._bind(values)
-        return values["logits"][0]
+        return values["logits"][0], self._bind(values) if len(positions) == 1 else bindings
 
-    def _decode_step(self, embeds, positions, arrays, length) -> np.ndarray:
-        io = self.decode
+    def _decode_step(self, embeds, positions, arrays, length, io: DecodeBindings) -> np.ndarray:
         io.arrays["inputs_embeds"][...] = embeds
         io.arrays["position_ids"][...] = positions
         for i, (segment, binding) in enumerate(zip(self.segments, io.bindings)):

@@ -151,6 +151,7 @@ static void *worker(void *arg) {
 
 /* A forked child has none of the parent's workers. */
 static void forget_workers(void) {
+    pthread_mutex_init(&pool_in_use, NULL);
     pthread_mutex_init(&pool.lock, NULL);
     pthread_cond_init(&pool.wake, NULL);
     pthread_cond_init(&pool.done, NULL);
@@ -159,9 +160,17 @@ static void forget_workers(void) {
 
 static void watch_forks(void) { pthread_atfork(NULL, NULL, forget_workers); }
 
+/* One job on the pool at a time: a call that finds it taken (another thread of the process
+ * attending at the same moment) does its units itself. */
+static pthread_mutex_t pool_in_use = PTHREAD_MUTEX_INITIALIZER;
+
 static void run_parallel(struct job *job, int threads) {
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     pthread_once(&once, watch_forks);
+    if (pthread_mutex_trylock(&pool_in_use)) {
+        run_units(job);
+        return;
+    }
     pthread_mutex_lock(&pool.lock);
     while (pool.started < threads - 1) {
         pthread_t thread;
@@ -180,6 +189,7 @@ static void run_parallel(struct job *job, int threads) {
     pool.slots = 0;
     while (pool.busy > 0) pthread_cond_wait(&pool.done, &pool.lock);
     pthread_mutex_unlock(&pool.lock);
+    pthread_mutex_unlock(&pool_in_use);
 }
 
 static unit_fn pick_unit(int head_dim) {
