@@ -155,3 +155,12 @@ def test_kernel_refuses_what_it_does_not_take():
         kernel(q, kv, kv, np.array([3]), cache, cache.copy(), 8, q.copy())  # the cache is full
     assert attention.supports(32, 8, 128) and attention.supports(4, 2, 16)
     assert not attention.supports(32, 8, 24) and not attention.supports(30, 8, 128)
+
+
+def test_a_library_built_from_other_sources_is_refused(monkeypatch):
+    """A failed rebuild leaves the old library in place; its stamp no longer matches the sources
+    beside it, and the backend gets a reason, not stale code."""
+    assert attention.load().edge_attention_source().decode() == attention.source_stamp()
+    monkeypatch.setattr(attention, "source_stamp", lambda: "0123456789abcdef")
+    with pytest.raises(attention.KernelUnavailable, match="stale build"):
+        attention.load()

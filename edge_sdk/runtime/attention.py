@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .kernel_source import CSRC, source_stamp
+
 _POINTER = ctypes.c_void_p
 _INT = ctypes.c_int
 
@@ -83,6 +85,12 @@ def load() -> ctypes.CDLL:
         raise KernelUnavailable(f"no compiled attention kernel in {here} (reinstall edge_sdk where a C compiler "
                                 "is present: pip install -e .)")
     try:
-        return ctypes.CDLL(str(found[0]))
+        library = ctypes.CDLL(str(found[0]))
     except OSError as exc:
         raise KernelUnavailable(f"{found[0]}: {exc}") from None
+    library.edge_attention_source.restype = ctypes.c_char_p
+    built, now = library.edge_attention_source().decode(), source_stamp() if CSRC.is_dir() else None
+    if now is not None and built != now:
+        raise KernelUnavailable(f"{found[0]}: built from other sources than {CSRC} (a stale build: stamp {built}, "
+                                f"sources {now}); reinstall edge_sdk: pip install -e .")
+    return library

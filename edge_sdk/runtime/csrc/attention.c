@@ -119,6 +119,10 @@ static struct {
     struct job *job;
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, NULL};
 
+/* One job on the pool at a time: a call that finds it taken (another thread of the process
+ * attending at the same moment) does its units itself. */
+static pthread_mutex_t pool_in_use = PTHREAD_MUTEX_INITIALIZER;
+
 static void run_units(struct job *job) {
     const struct step *st = job->st;
     float *scores = malloc(sizeof(float) * (st->heads / st->kv_heads) * (size_t)(st->length + st->seq));
@@ -160,10 +164,6 @@ static void forget_workers(void) {
 
 static void watch_forks(void) { pthread_atfork(NULL, NULL, forget_workers); }
 
-/* One job on the pool at a time: a call that finds it taken (another thread of the process
- * attending at the same moment) does its units itself. */
-static pthread_mutex_t pool_in_use = PTHREAD_MUTEX_INITIALIZER;
-
 static void run_parallel(struct job *job, int threads) {
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     pthread_once(&once, watch_forks);
@@ -199,6 +199,13 @@ static unit_fn pick_unit(int head_dim) {
     (void)head_dim;
     return attend_unit_vl8;
 }
+
+#ifndef EDGE_ATTENTION_SOURCE
+#define EDGE_ATTENTION_SOURCE "unstamped"
+#endif
+
+/* The stamp of the sources this library was built from (runtime/kernel_source.py). */
+const char *edge_attention_source(void) { return EDGE_ATTENTION_SOURCE; }
 
 /* Returns 0; -1 for shapes or positions this kernel does not take (the caller checks them
  * first), -2 when scratch memory cannot be had. */
