@@ -12,7 +12,8 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 
-_spec = importlib.util.spec_from_file_location("kernel_source", Path(__file__).parent / "edge_sdk/runtime/kernel_source.py")
+_spec = importlib.util.spec_from_file_location("kernel_source",
+                                               Path(__file__).parent / "edge_sdk" / "runtime" / "kernel_source.py")
 kernel_source = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(kernel_source)
 

@@ -152,7 +152,8 @@ def test_cut_graph_runs_each_weight_once_and_no_graph_attention(tiny_checkpoints
     kinds = {n.op_type for piece in pieces for n in piece.graph.node}
     assert not kinds & {"Softmax", "FusedMatMul", "RotaryEmbedding"}
     assert {"DequantizeLinear", "MatMulNBits", "SkipSimplifiedLayerNormalization"} <= kinds
-    weights = [t.name for piece in pieces for t in piece.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    weights = [t.name for piece in pieces for t in piece.graph.initializer
+               if t.data_location == onnx.TensorProto.EXTERNAL]
     assert len(weights) == len(set(weights))
     for piece in pieces:
         made = {o for n in piece.graph.node for o in n.output}

@@ -96,9 +96,9 @@ def _drives(cpu_graph) -> bool:
 
 def _session(path: Path, options, accuracy_level: int, model=None):
     """A CPU session for the graph at ``path``, or for ``model`` (a graph loaded or made without
-    its weights, which are read from beside ``path``: ``options`` name that folder). MatMulNBits nodes the graph states itself
-    (the CPU graph's INT4 / INT8 head) get ``accuracy_level``, as the DequantizeLinear -> MatMul
-    pairs ONNX Runtime fuses do from the session option."""
+    its weights, which are read from beside ``path``: ``options`` name that folder). MatMulNBits
+    nodes the graph states itself (the CPU graph's INT4 / INT8 head) get ``accuracy_level``, as
+    the DequantizeLinear -> MatMul pairs ONNX Runtime fuses do from the session option."""
     import onnx
     import onnxruntime as ort
 
