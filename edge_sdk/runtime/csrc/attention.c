@@ -29,15 +29,9 @@
 
 #define MAX_GROUPS 16
 #define MAX_THREADS 64
-#ifndef KEY_BLOCK
-#define KEY_BLOCK 32       /* value rows per block: 8-16 KB, kept in L1 across the output slices */
-#endif
-#ifndef PREFETCH_ROWS
-#define PREFETCH_ROWS 16   /* how far ahead of the key being scored its row is fetched */
-#endif
-#ifndef ROWS_PER_THREAD
+#define KEY_BLOCK 32         /* value rows per block: 8-16 KB, kept in L1 across the output slices */
+#define PREFETCH_ROWS 16     /* how far ahead of the key being scored its row is fetched */
 #define ROWS_PER_THREAD 4096 /* cached rows a step must read per thread before threads pay off */
-#endif
 
 struct step {
     int seq, heads, kv_heads, head_dim, capacity, length, half;
