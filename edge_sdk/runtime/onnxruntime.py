@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .embedding import EmbeddingTable
+from .io_binding import bind_arrays
 from .segments import DecodeBindings, SegmentedDecoder
 from .types import ContextOverflowError
 
@@ -295,8 +296,6 @@ class OnnxRuntimeBackend:
         return logits, cache
 
     def _decode_io(self, cache: InPlaceCache) -> DecodeIO:
-        import onnxruntime as ort
-
         session = self.sessions["decoder"]
         hidden = next(i for i in session.get_inputs() if i.name == "inputs_embeds").shape[-1]
         inputs = {"inputs_embeds": np.zeros((1, 1, hidden), self.dtype), "position_ids": np.zeros((1, 1), np.int64),
@@ -304,11 +303,7 @@ class OnnxRuntimeBackend:
         outputs = {name: np.zeros((1, self.kv_heads, 1, self.head_dim), self.dtype) for name in self.output_names[1:]}
         vocab = next(o for o in session.get_outputs() if o.name == "logits").shape[-1]
         outputs["logits"] = np.zeros((1, vocab), np.float32)
-        binding, values = session.io_binding(), []
-        for arrays, bind in ((inputs, binding.bind_ortvalue_input), (outputs, binding.bind_ortvalue_output)):
-            for name, array in arrays.items():
-                values.append(ort.OrtValue.ortvalue_from_numpy(array))
-                bind(name, values[-1])
+        binding, values = bind_arrays(session, inputs, outputs)
         for name, value in cache.values.items():
             binding.bind_ortvalue_input(name, value)
         return DecodeIO(binding, inputs, outputs, values)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .attention import AttentionKernel, RopeTables
+from .io_binding import bind_arrays
 
 ATTENTION_CUTS_KEY = "edge_sdk.attention_cuts"
 
@@ -171,7 +172,7 @@ class DecodeBindings:
 
     bindings: list
     arrays: dict[str, np.ndarray]
-    values: list  # the OrtValues over those arrays, kept alive with them
+    values: list  # the OrtValues over those arrays, kept alive with them (per piece)
 
 
 class SegmentedDecoder:
@@ -228,17 +229,9 @@ class SegmentedDecoder:
         raise AssertionError("unreachable: the last piece makes the logits")
 
     def _bind(self, values: dict[str, np.ndarray]) -> DecodeBindings:
-        """Bindings over copies of one one-token step's tensors (their shapes are every one's)."""
-        import onnxruntime as ort
-
+        """Bindings over copies of one one-token step's tensors (their shapes are every one's); a
+        piece's output array is the next pieces' input array, so nothing is copied between them."""
         arrays = {name: np.array(value, order="C") for name, value in values.items()}
-        ort_values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
-        bindings = []
-        for segment in self.segments:
-            binding = segment.session.io_binding()
-            for name in segment.inputs:
-                binding.bind_ortvalue_input(name, ort_values[name])
-            for name in segment.outputs:
-                binding.bind_ortvalue_output(name, ort_values[name])
-            bindings.append(binding)
-        return DecodeBindings(bindings, arrays, list(ort_values.values()))
+        bound = [bind_arrays(segment.session, {n: arrays[n] for n in segment.inputs},
+                             {n: arrays[n] for n in segment.outputs}) for segment in self.segments]
+        return DecodeBindings([binding for binding, _ in bound], arrays, [values for _, values in bound])
