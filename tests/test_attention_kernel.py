@@ -107,6 +107,49 @@ def test_kernel_on_threads_matches_one_thread(dtype):
     np.testing.assert_array_equal(one["out"], two["out"])  # each unit is computed whole by one thread
 
 
+def _peaked_step(dtype, threads, length=1100, heads=8, dim=32):
+    """One query head per KV head; every third cached key is zero (score 0), the others point
+    against the head's rotated query, scoring -100: their softmax weights, e^-100, are below
+    float32's normal range (flushed to zero by the kernel). Well conditioned all the same: the
+    weights that count are exactly 1."""
+    rng = np.random.default_rng(3)
+    tables = _tables(dim, rng)
+    kernel = attention.AttentionKernel(attention.load(), heads, heads, dim, tables, threads)
+    q = rng.standard_normal((1, heads * dim)).astype(np.float32)
+    k, v = (rng.standard_normal((1, heads * dim)).astype(np.float32) for _ in range(2))
+    positions = np.array([length])
+    qr, _ = _reference(q, k, v, positions, tables, np.zeros((heads, 1, dim)), length)
+    against = -100 * qr[0] / (qr[0] ** 2).sum(axis=1, keepdims=True)  # [heads, dim]: scores -100
+    key_cache = np.zeros((heads, length + 1, dim), dtype)
+    key_cache[:, :length] = against[:, None]
+    key_cache[:, :length:3] = 0
+    value_cache = rng.standard_normal((heads, length + 1, dim)).astype(dtype)
+    out = np.empty_like(q)
+    kernel(q, k, v, positions, key_cache, value_cache, length, out)
+    qr, _ = _reference(q, k, v, positions, tables, key_cache, length)
+    scores = np.einsum("hd,hnd->hn", qr[0], key_cache[:, :length].astype(np.float64))
+    return out, _attend(qr, key_cache, value_cache, length), scores
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_kernel_with_sharply_peaked_scores(dtype):
+    """Two thirds of the weights below float32's normal range, on one thread and on two: the
+    result is still the definition's."""
+    for threads in (1, 2):
+        out, want, scores = _peaked_step(dtype, threads)
+        assert (np.exp(scores.astype(np.float32)) < np.finfo(np.float32).tiny).mean() > 0.6
+        np.testing.assert_allclose(out, want, atol=1e-5, rtol=0)
+
+
+def test_kernel_leaves_the_callers_floating_point_mode():
+    """The flush to zero holds inside the kernel only: the calling thread's arithmetic on
+    subnormal floats is as before the call."""
+    tiny = np.float32(2.0 ** -140)
+    _peaked_step(np.float32, threads=2)
+    assert tiny * np.float32(1.0) == tiny != 0
+    assert np.float32(2.0 ** -70) * np.float32(2.0 ** -70) == tiny
+
+
 def test_kernel_called_from_two_threads_at_once():
     """ctypes lets go of the GIL: two Python threads may be in the kernel together. The one that
     finds the thread pool taken does its work on its own thread; both get their own answers."""

@@ -84,7 +84,8 @@ static inline __attribute__((always_inline)) void UNIT(attend)(const struct step
         float *row = scores + (size_t)g * n, top = row[0], total = 0.0f;
         for (int j = 1; j < n; j++) top = row[j] > top ? row[j] : top;
         for (int j = 0; j < n; j++) {
-            row[j] = expf(row[j] - top);
+            const float x = row[j] - top;
+            row[j] = expf(x > EXP_FLOOR ? x : EXP_FLOOR);
             total += row[j];
         }
         inv[g] = 1.0f / total;
