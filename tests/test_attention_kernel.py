@@ -203,7 +203,31 @@ def test_kernel_refuses_what_it_does_not_take():
 def test_a_library_built_from_other_sources_is_refused(monkeypatch):
     """A failed rebuild leaves the old library in place; its stamp no longer matches the sources
     beside it, and the backend gets a reason, not stale code."""
-    assert attention.load().edge_attention_source().decode() == attention.source_stamp()
+    assert attention.built_stamp(attention.library_path()) == attention.source_stamp()
     monkeypatch.setattr(attention, "source_stamp", lambda: "0123456789abcdef")
     with pytest.raises(attention.KernelUnavailable, match="stale build"):
         attention.load()
+
+
+def test_the_kernel_builds_with_this_hosts_compiler(tmp_path, monkeypatch, capsys):
+    """What a flashed device runs (it gets no pip install): the library built, stamped with its
+    sources, and it computes what the installed one does; without a compiler, one line says so."""
+    from edge_sdk.runtime import kernel_build
+
+    built = tmp_path / kernel_build.library_path().name
+    monkeypatch.setattr(kernel_build, "library_path", lambda: built)
+    assert kernel_build.main() == 0 and capsys.readouterr().out == f"built {built}\n"
+    assert kernel_build.built_stamp(built) == kernel_build.source_stamp()
+    assert kernel_build.main() == 0 and capsys.readouterr().out.startswith(f"kept {built}")
+    monkeypatch.setattr(attention, "library_path", lambda: built)
+    r = _step(32, 8, 128, 37, 5, np.float16, threads=2)
+    np.testing.assert_allclose(r["out"], r["want"], atol=1e-5, rtol=0)
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(kernel_build, "library_path", lambda: tmp_path / "unbuilt.so")
+    assert kernel_build.main() == 0
+    assert capsys.readouterr().out.startswith("not built (no C compiler (")
+    assert not (tmp_path / "unbuilt.so").exists()
+    monkeypatch.setenv("CC", "cc -include no-such-header.h")  # a compile error: named, with its first error line
+    with pytest.raises(RuntimeError, match="cc -include no-such-header.h failed on attention.c: .*no-such-header.h"):
+        kernel_build.build(tmp_path / "broken.so")

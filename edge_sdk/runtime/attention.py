@@ -10,13 +10,11 @@ the backend then runs the whole CPU graph instead.
 from __future__ import annotations
 
 import ctypes
-import importlib.machinery
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from .kernel_source import CSRC, source_stamp
+from .kernel_build import CSRC, built_stamp, library_path, source_stamp
 
 _POINTER = ctypes.c_void_p
 _INT = ctypes.c_int
@@ -78,19 +76,16 @@ def supports(heads: int, kv_heads: int, head_dim: int) -> bool:
 
 def load() -> ctypes.CDLL:
     """The compiled kernel beside this module."""
-    here = Path(__file__).parent
-    found = [here / f"_attention{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES
-             if (here / f"_attention{suffix}").is_file()]
-    if not found:
-        raise KernelUnavailable(f"no compiled attention kernel in {here} (reinstall edge_sdk where a C compiler "
-                                "is present: pip install -e .)")
+    path = library_path()
+    if not path.is_file():
+        raise KernelUnavailable(f"no compiled attention kernel at {path} (build it where a C compiler is "
+                                "present: python -m edge_sdk.runtime.kernel_build)")
     try:
-        library = ctypes.CDLL(str(found[0]))
+        library, built = ctypes.CDLL(str(path)), built_stamp(path)
     except OSError as exc:
-        raise KernelUnavailable(f"{found[0]}: {exc}") from None
-    library.edge_attention_source.restype = ctypes.c_char_p
-    built, now = library.edge_attention_source().decode(), source_stamp() if CSRC.is_dir() else None
+        raise KernelUnavailable(f"{path}: {exc}") from None
+    now = source_stamp() if CSRC.is_dir() else None
     if now is not None and built != now:
-        raise KernelUnavailable(f"{found[0]}: built from other sources than {CSRC} (a stale build: stamp {built}, "
-                                f"sources {now}); reinstall edge_sdk: pip install -e .")
+        raise KernelUnavailable(f"{path}: built from other sources than {CSRC} (a stale build: stamp {built}, "
+                                f"sources {now}); rebuild it: python -m edge_sdk.runtime.kernel_build")
     return library

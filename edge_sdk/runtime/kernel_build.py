@@ -1,0 +1,96 @@
+"""How the attention kernel (csrc/) is built: the stamp of its sources, its compiler flags, and a
+build with this host's C compiler.
+
+setup.py compiles it at install with these flags and stamp; runtime/attention.py checks the stamp
+at load, so a library left from older sources (a failed rebuild keeps the old file) is refused
+rather than run. A device that `make flash` installs gets no pip install of edge_sdk (the release
+is its source tree), so the flash builds the kernel there with `python -m
+edge_sdk.runtime.kernel_build`. Standard library only: setup.py loads this file before any
+dependency is installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CSRC = Path(__file__).with_name("csrc")
+SOURCE = CSRC / "attention.c"
+# x86-64 gets the AVX2/FMA/F16C baseline, not -march=native, so a build runs on any such machine;
+# the AVX-512 build of the kernel's inner loop is picked at run time where the CPU has it.
+ARCH_FLAGS = {"x86_64": ["-mavx2", "-mfma", "-mf16c"], "aarch64": ["-march=armv8.2-a+fp16"]}
+# -ffast-math only when compiling: it lets GCC vectorize the softmax's expf (glibc's libmvec);
+# linked with it, GCC would also flush subnormals process-wide.
+COMPILE_FLAGS = ["-O3", "-ffast-math", "-std=gnu11"]
+LIBRARIES = ["m", "pthread"]
+
+
+def source_stamp(csrc: Path = CSRC) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(csrc.glob("*.[ch]")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def compile_flags(machine: str | None = None) -> list[str]:
+    return [*COMPILE_FLAGS, *ARCH_FLAGS.get(machine or platform.machine(), [])]
+
+
+def library_path() -> Path:
+    """Where runtime/attention.py looks for the library: beside it, named as an extension module."""
+    return Path(__file__).with_name(f"_attention{importlib.machinery.EXTENSION_SUFFIXES[0]}")
+
+
+def build(out: Path | None = None, compiler: str | None = None) -> Path:
+    """Compiles the kernel into ``out`` (default: library_path()), replacing any library there only
+    once the new one is complete. Raises RuntimeError naming the compiler and its first error."""
+    out = out or library_path()
+    compiler = compiler or os.environ.get("CC", "cc")
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        made = Path(tmp) / out.name
+        cmd = [*shlex.split(compiler), *compile_flags(), "-shared", "-fPIC",
+               f'-DEDGE_ATTENTION_SOURCE="{source_stamp()}"', str(SOURCE), "-o", str(made),
+               *(f"-l{lib}" for lib in LIBRARIES)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as exc:
+            raise RuntimeError(f"no C compiler ({compiler}: {exc.strerror})") from None
+        if proc.returncode:
+            first = next((line for line in proc.stderr.splitlines() if "error" in line), proc.stderr.strip()[:300])
+            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {first}")
+        os.replace(made, out)
+    return out
+
+
+def built_stamp(library: Path) -> str:
+    """The stamp a built library carries: the sources it was compiled from."""
+    import ctypes
+
+    stamp = ctypes.CDLL(str(library)).edge_attention_source
+    stamp.restype = ctypes.c_char_p
+    return stamp().decode()
+
+
+def main() -> int:
+    """One line for the flash's report; exit 0 either way, as a device without a compiler still
+    serves (its CPU backend runs the CPU graph whole)."""
+    path = library_path()
+    if path.is_file() and built_stamp(path) == source_stamp():
+        print(f"kept {path} (built from these sources)")
+        return 0
+    try:
+        print(f"built {build()}")
+    except RuntimeError as exc:
+        print(f"not built ({exc}): the CPU graph runs whole")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
