@@ -5,7 +5,8 @@ It runs in a private mount namespace too, so what it writes to /etc, /opt, /var 
 in its own folders, and it shows the files a Jetson's preflight reads where a Jetson has them:
 - /etc/nv_tegra_release (the L4T release line), /sys/firmware/devicetree/base/model;
 - /usr/local/sbin/nvpmodel (answers `-q` with a power mode);
-- TensorRT's NvInferVersion.h under /usr/include/aarch64-linux-gnu, /usr/local/cuda/version.json.
+- TensorRT's NvInferVersion.h under /usr/include/aarch64-linux-gnu (laid over this machine's
+  headers, which a Jetson's C compiler has too), /usr/local/cuda/version.json.
 It does not stand in for the GPU, TensorRT's libraries or systemd: the daemon runs under the
 pid-file supervisor there and on ONNX Runtime (a real Jetson runs it under systemd, on TensorRT).
 """
@@ -101,7 +102,7 @@ class FlashHost:
             f"mount --bind {img}/etc /etc", opt, f"mount --bind {img}/var /var", "mount -t tmpfs none /run",
             "mkdir -p /run/sshd /run/mosquitto", "mount -t tmpfs none /sys/firmware",
             f"cp -a {img}/firmware/. /sys/firmware/", f"mount --bind {img}/sbin /usr/local/sbin",
-            f"mount --bind {img}/include /usr/include", f"mount --bind {img}/cuda /usr/local/cuda",
+            f"mount -t overlay overlay -o lowerdir={img}/include:/usr/include /usr/include", f"mount --bind {img}/cuda /usr/local/cuda",
             "exec /usr/sbin/sshd -D -e -f /etc/ssh/sshd_test_config"])
         self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, "unshare", "--mount", "--propagation", "private",
                                       "bash", "-c", boot], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

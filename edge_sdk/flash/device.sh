@@ -6,6 +6,7 @@
 #   device.sh prepare ROOT ID
 #   device.sh package ROOT KEY          (complete | missing)
 #   device.sh venv ROOT ID KEY          (wheels already in ROOT/wheels/KEY)
+#   device.sh kernel ROOT ID            (the CPU attention kernel, compiled here)
 #   device.sh verify ROOT ID KEY        (the package's hashes, with the release's code)
 #   device.sh engines ROOT ID           (edge-sdk compile where a GPU answers)
 #   device.sh configure ROOT ID DEVICE_ID PORT
@@ -105,6 +106,13 @@ package() {
 
 # the release's own code, whatever `current` points at
 release_python() { local root=$1 id=$2; shift 2; PYTHONPATH="$root/releases/$id/src" "$root/releases/$id/venv/bin/python" "$@"; }
+
+# The release is source, not an installed wheel: its C attention kernel is compiled here, by this
+# device's compiler, into the release's own tree. Without a compiler the CPU graph runs whole.
+kernel() {
+    local root=$1 id=$2
+    say kernel "$(release_python "$root" "$id" -m edge_sdk.runtime.kernel_build 2>&1 | tail -n1)"
+}
 
 verify() {
     local root=$1 id=$2 key=$3
@@ -261,7 +269,7 @@ unflash() {
 cmd=${1:?usage: device.sh SUBCOMMAND ...}
 shift
 case $cmd in
-    facts|prepare|package|venv|verify|engines|configure|switch|restart|health|rollback|unflash) "$cmd" "$@" ;;
+    facts|prepare|package|venv|kernel|verify|engines|configure|switch|restart|health|rollback|unflash) "$cmd" "$@" ;;
     log) printf '%s\n' "$2" >> "$1/log/releases.log" ;;
     *) echo "device.sh: unknown subcommand $cmd" >&2; exit 2 ;;
 esac

@@ -5,7 +5,8 @@ Layout on the device (ROOT, default /opt/edge-sdk):
     packages/<key>/        an engine package, verified against its hashes once, then only read
                            (and given its TensorRT engines by `edge-sdk compile` on the device)
     venvs/<key>/           a Python environment per dependency set, from wheels sent along
-    releases/<id>/         src/ (the code), package -> ../../packages/<key>, venv -> ../../venvs/<key>,
+    releases/<id>/         src/ (the code, with the CPU attention kernel compiled into it there),
+                           package -> ../../packages/<key>, venv -> ../../venvs/<key>,
                            edge-sdk.service (the rendered unit)
     current, previous      symlinks to releases: switching is one rename
     log/releases.log       one JSON line per flash, rollback and failure
@@ -62,13 +63,14 @@ class FlashReport:
     files_sent: int = 0
     bytes_sent: int = 0
     venv: str = ""
+    kernel: str = ""
     engines: str = ""
     preflight: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         what = "installed and started" if self.changed else "already current: nothing restarted"
         return (f"release {self.release} {what}; sent {self.files_sent} files ({self.bytes_sent / 1e6:.1f} MB), "
-                f"venv {self.venv}, engines {self.engines}")
+                f"venv {self.venv}, kernel {self.kernel}, engines {self.engines}")
 
 
 def code_files() -> list[str]:
@@ -155,7 +157,7 @@ def _log_line(target: Target, root: str, **event) -> None:
 def flash(opts: FlashOptions, progress: bool = True) -> FlashReport:
     """Preflight, send, install, switch, restart, health-check; roll back on a failed check.
     A device-side failure before the switch leaves the running release as it was."""
-    stages = tqdm(total=9, desc="flash", unit="stage", disable=not progress, leave=False)
+    stages = tqdm(total=10, desc="flash", unit="stage", disable=not progress, leave=False)
     at = ["preflight"]
     try:
         return _flash(opts, stages, at)
@@ -203,6 +205,8 @@ def _flash(opts: FlashOptions, stages, at: list[str]) -> FlashReport:
 
     stage("venv")
     report.venv = t.step("venv", root, rid, env_key)["venv"]
+    stage("kernel")
+    report.kernel = t.step("kernel", root, rid).get("kernel", "")
     stage("verify package")
     t.step("verify", root, rid, pkg_key)
     stage("engines")
@@ -229,7 +233,7 @@ def _flash(opts: FlashOptions, stages, at: list[str]) -> FlashReport:
     why = _health(t, opts)
     if why is None:
         _log_line(t, root, event="flash", release=rid, changed=True, files_sent=report.files_sent,
-                  bytes_sent=report.bytes_sent, venv=report.venv, engines=report.engines)
+                  bytes_sent=report.bytes_sent, venv=report.venv, kernel=report.kernel, engines=report.engines)
         return report
     previous = switched.get("previous", "none")
     _log_line(t, root, event="failed", release=rid, why=why, rolled_back_to=previous)
