@@ -50,6 +50,21 @@ def test_stream_deltas_join_to_result(model):
     assert stream.result.completion_tokens == 20 and stream.result.time_to_first_token_s is not None
 
 
+def test_time_to_first_token_counts_the_prompts_embedding(model, monkeypatch):
+    """The clock starts at the request: the prompt's embedding (and, with media, its encoders)
+    happens before the first step, and a 4,096-token prompt's takes tens of milliseconds."""
+    lookup = model.backend.embed
+
+    def slow_prompt(ids):
+        if len(ids) > 1:
+            time.sleep(0.3)
+        return lookup(ids)
+
+    monkeypatch.setattr(model.backend, "embed", slow_prompt)
+    result = model.generate(PROMPT, max_tokens=3)
+    assert result.time_to_first_token_s >= 0.3 and result.total_time_s >= result.time_to_first_token_s
+
+
 def test_stop_string_cuts_text_and_is_never_streamed(model):
     full = model.generate(PROMPT, max_tokens=24)
     stop = full.text[len(full.text) // 2: len(full.text) // 2 + 3]

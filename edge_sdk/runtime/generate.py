@@ -33,7 +33,11 @@ class GenerationStream:
 
     def __init__(self, backend, tokenizer, prompt_ids: list[int], prompt_embeds: np.ndarray,
                  params: SamplingParams, context_length: int, eos_id: int,
-                 cancel: threading.Event | None = None, deadline: float | None = None):
+                 cancel: threading.Event | None = None, deadline: float | None = None,
+                 started: float | None = None):
+        """``started``: when the request was made (time.monotonic()), which the time to the first
+        token counts from, so that what made ``prompt_embeds`` (the embedding lookup, the image and
+        audio encoders) counts in it; default now."""
         if len(prompt_ids) == 0:
             raise GenerationError("the prompt is empty")
         self.backend = backend
@@ -45,6 +49,7 @@ class GenerationStream:
         self.stop_ids = {eos_id, *params.stop_token_ids}
         self.cancel = cancel
         self.deadline = deadline
+        self.started = time.monotonic() if started is None else started
         self.result: GenerationResult | None = None
         self._iter = self._run()
 
@@ -68,7 +73,7 @@ class GenerationStream:
         return None
 
     def _run(self) -> Iterator[TextDelta]:
-        start = time.monotonic()
+        start = self.started
         sampler = Sampler(self.params)
         decoder = self.tokenizer.stream_decoder()
         stops = tuple(s for s in self.params.stop if s)

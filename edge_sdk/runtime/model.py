@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -111,8 +112,10 @@ class Model:
         if len(ids) >= self.context_length:
             raise ContextOverflowError(
                 f"prompt of {len(ids)} tokens does not fit the context of {self.context_length} tokens")
+        started = time.monotonic()
         return GenerationStream(self.backend, self.tokenizer, ids, self._prompt_embeds(prompt), params,
-                                self.context_length, self.tokenizer.eos_id, cancel=cancel, deadline=deadline)
+                                self.context_length, self.tokenizer.eos_id, cancel=cancel, deadline=deadline,
+                                started=started)
 
     def stream_transcription(self, audio: Any, language: str | None = None, max_tokens: int = 512,
                              temperature: float = 0.0, stop_token_ids: Sequence[int] = (),
