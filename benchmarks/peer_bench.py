@@ -237,6 +237,7 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--contexts", type=int, nargs="*", default=[128, 1024, 4096])
+    p.add_argument("--context-rounds", type=int, default=3, help="interleaved rounds of the context table")
     p.add_argument("--work", type=Path, default=ROOT / "engines" / "peer-bench")
     p.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"), help="edge_sdk's interpreter")
     p.add_argument("--peers-python", default=str(ROOT / ".venv-peers" / "bin" / "python"),
@@ -295,13 +296,28 @@ def main() -> int:
               f"{med(system, 'peak_rss_gb'):.2f} GB | {dec / roof:.0%} | {dec / med(ref, 'decode_tok_s'):.2f}x | "
               f"{pre / med(ref, 'prefill_tok_s'):.2f}x |")
     if a.contexts:
-        print(f"\ndecode tok/s after a prompt of N tokens ({a.new_tokens} new tokens, one run each)")
-        print("| system | " + " | ".join(str(c) for c in a.contexts) + " |")
-        print("|---|" + "---|" * len(a.contexts))
-        for system, (python, model) in models.items():
-            speeds = [measure(python, system, model, c, a.new_tokens, a.threads)["decode_tok_s"] for c in a.contexts]
-            print(f"| {system} | " + " | ".join(f"{s:.1f}" for s in speeds) + " |")
+        print_context_table(models, a)
     return 0
+
+
+def print_context_table(models: dict, a) -> None:
+    """Decode speed after prompts of each length, medians of interleaved rounds (a long prompt's
+    run is as exposed to the machine's noise as the short one it is divided by)."""
+    speeds: dict[tuple[str, int], list[float]] = {}
+    for r in range(a.context_rounds):
+        for system, (python, model) in models.items():
+            log(f"context round {r + 1}/{a.context_rounds}: {system}")
+            for c in a.contexts:
+                run = measure(python, system, model, c, a.new_tokens, a.threads)
+                speeds.setdefault((system, c), []).append(run["decode_tok_s"])
+    first, last = a.contexts[0], a.contexts[-1]
+    print(f"\ndecode tok/s after a prompt of N tokens ({a.new_tokens} new tokens, medians of {a.context_rounds} "
+          "interleaved rounds)")
+    print("| system | " + " | ".join(str(c) for c in a.contexts) + f" | {last} / {first} |")
+    print("|---|" + "---|" * (len(a.contexts) + 1))
+    for system in models:
+        med = [statistics.median(speeds[system, c]) for c in a.contexts]
+        print(f"| {system} | " + " | ".join(f"{s:.1f}" for s in med) + f" | {med[-1] / med[0]:.2f} |")
 
 
 if __name__ == "__main__":
