@@ -203,7 +203,7 @@ def test_kernel_refuses_what_it_does_not_take():
 def test_a_library_built_from_other_sources_is_refused(monkeypatch):
     """A failed rebuild leaves the old library in place; its stamp no longer matches the sources
     beside it, and the backend gets a reason, not stale code."""
-    assert attention.built_stamp(attention.library_path()) == attention.source_stamp()
+    assert attention.built_stamp(attention.load()) == attention.source_stamp()
     monkeypatch.setattr(attention, "source_stamp", lambda: "0123456789abcdef")
     with pytest.raises(attention.KernelUnavailable, match="stale build"):
         attention.load()
@@ -212,12 +212,14 @@ def test_a_library_built_from_other_sources_is_refused(monkeypatch):
 def test_the_kernel_builds_with_this_hosts_compiler(tmp_path, monkeypatch, capsys):
     """What a flashed device runs (it gets no pip install): the library built, stamped with its
     sources, and it computes what the installed one does; without a compiler, one line says so."""
+    import ctypes
+
     from edge_sdk.runtime import kernel_build
 
     built = tmp_path / kernel_build.library_path().name
     monkeypatch.setattr(kernel_build, "library_path", lambda: built)
     assert kernel_build.main() == 0 and capsys.readouterr().out == f"built {built}\n"
-    assert kernel_build.built_stamp(built) == kernel_build.source_stamp()
+    assert kernel_build.built_stamp(ctypes.CDLL(str(built))) == kernel_build.source_stamp()
     assert kernel_build.main() == 0 and capsys.readouterr().out.startswith(f"kept {built}")
     monkeypatch.setattr(attention, "library_path", lambda: built)
     r = _step(32, 8, 128, 37, 5, np.float16, threads=2)

@@ -81,10 +81,10 @@ def load() -> ctypes.CDLL:
         raise KernelUnavailable(f"no compiled attention kernel at {path} (build it where a C compiler is "
                                 "present: python -m edge_sdk.runtime.kernel_build)")
     try:
-        library, built = ctypes.CDLL(str(path)), built_stamp(path)
+        library = ctypes.CDLL(str(path))
     except OSError as exc:
         raise KernelUnavailable(f"{path}: {exc}") from None
-    now = source_stamp() if CSRC.is_dir() else None
+    built, now = built_stamp(library), source_stamp() if CSRC.is_dir() else None
     if now is not None and built != now:
         raise KernelUnavailable(f"{path}: built from other sources than {CSRC} (a stale build: stamp {built}, "
                                 f"sources {now}); rebuild it: python -m edge_sdk.runtime.kernel_build")

@@ -11,6 +11,7 @@ dependency is installed.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.machinery
 import os
@@ -69,20 +70,30 @@ def build(out: Path | None = None, compiler: str | None = None) -> Path:
     return out
 
 
-def built_stamp(library: Path) -> str:
-    """The stamp a built library carries: the sources it was compiled from."""
-    import ctypes
-
-    stamp = ctypes.CDLL(str(library)).edge_attention_source
+def built_stamp(library: ctypes.CDLL) -> str:
+    """The stamp a loaded library carries: the sources it was compiled from ("unstamped" for one
+    built before stamps, as for a build without the define)."""
+    try:
+        stamp = library.edge_attention_source
+    except AttributeError:
+        return "unstamped"
     stamp.restype = ctypes.c_char_p
     return stamp().decode()
+
+
+def _current(path: Path) -> bool:
+    """Whether ``path`` is a library built from these sources (one that does not load is not)."""
+    try:
+        return path.is_file() and built_stamp(ctypes.CDLL(str(path))) == source_stamp()
+    except OSError:
+        return False
 
 
 def main() -> int:
     """One line for the flash's report; exit 0 either way, as a device without a compiler still
     serves (its CPU backend runs the CPU graph whole)."""
     path = library_path()
-    if path.is_file() and built_stamp(path) == source_stamp():
+    if _current(path):
         print(f"kept {path} (built from these sources)")
         return 0
     try:
