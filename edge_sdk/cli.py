@@ -40,9 +40,10 @@ def _add_backend(p: argparse.ArgumentParser, default_accuracy: int = 4, default_
     p.add_argument("--accuracy-level", type=int, default=default_accuracy, choices=[0, 1, 2, 3, 4],
                    help=f"ONNX Runtime INT4 kernel: 4 = int8 activations (fast), 0 = exact float "
                         f"(default {default_accuracy})")
-    p.add_argument("--kv-cache", default=default_kv, choices=["float16", "float32"],
+    p.add_argument("--kv-cache", default=default_kv, choices=["float16", "int8", "float32"],
                    help="ONNX Runtime: what the KV cache holds; float16 halves what a long-context step reads, "
-                        f"float32 keeps the graph's exact arithmetic (default {default_kv})")
+                        "int8 (a scale per row) halves it again, float32 keeps the graph's exact arithmetic "
+                        f"(default {default_kv})")
 
 
 def _backend_options(args) -> dict:

@@ -3,9 +3,10 @@ written from the definition, in float64: RoPE (rotate-half) at each token's posi
 keys and values stored at cache positions length .. length + S - 1, then causal grouped-query
 attention, token s seeing cache positions 0 .. length + s.
 
-With a float16 cache the reference reads the cache as the kernel left it (the stored keys and
-values rounded to float16), so both caches are held to the same tolerance: what differs is only
-the order of float32 sums."""
+With a float16 or int8 cache the reference reads the cache as the kernel left it (the stored keys
+and values rounded to float16, or int8 rows times their scales), so every cache is held to the
+same tolerance: what differs is only the order of float32 sums. How well the stored rows keep
+what they were given is checked apart, against each form's rounding."""
 
 from __future__ import annotations
 
@@ -44,10 +45,31 @@ def _reference(q, k, v, positions, tables, key_cache, length):
     return qr, kr.transpose(1, 0, 2)
 
 
-def _attend(qr, key_cache, value_cache, length):
+def _stored(cache: attention.LayerCache) -> tuple[np.ndarray, np.ndarray]:
+    """The keys and values a cache holds, in float64: int8 rows times their scales."""
+    if cache.keys.dtype != np.int8:
+        return cache.keys.astype(np.float64), cache.values.astype(np.float64)
+    return tuple(x.astype(np.float64) * scale[..., None].astype(np.float64)
+                 for x, scale in ((cache.keys, cache.key_scales), (cache.values, cache.value_scales)))
+
+
+def _cache(kv_heads, capacity, dim, dtype, rng, length, fill=7) -> attention.LayerCache:
+    """A layer cache with `length` random rows, the rest ``fill`` (rows the step must not touch)."""
+    keys, values = (np.full((kv_heads, capacity, dim), fill, dtype=dtype) for _ in range(2))
+    scales = [np.full((kv_heads, capacity), fill, np.float32) for _ in range(2)] if dtype == np.int8 else [None] * 2
+    for array, scale in zip((keys, values), scales):
+        if scale is None:
+            array[:, :length] = rng.standard_normal((kv_heads, length, dim))
+        else:
+            array[:, :length] = rng.integers(-127, 128, (kv_heads, length, dim))
+            scale[:, :length] = rng.uniform(0.005, 0.03, (kv_heads, length))
+    return attention.LayerCache(keys, values, *scales)
+
+
+def _attend(qr, cache: attention.LayerCache, length):
     seq, heads, dim = qr.shape
-    kv_heads = key_cache.shape[0]
-    keys, values = key_cache.astype(np.float64), value_cache.astype(np.float64)
+    kv_heads = cache.keys.shape[0]
+    keys, values = _stored(cache)
     out = np.zeros((seq, heads, dim))
     for s in range(seq):
         for h in range(heads):
@@ -62,44 +84,83 @@ def _step(heads, kv_heads, dim, length, seq, dtype, threads, seed=0):
     rng = np.random.default_rng(seed)
     tables = _tables(dim, rng)
     kernel = attention.AttentionKernel(attention.load(), heads, kv_heads, dim, tables, threads)
-    capacity = length + seq + 3
-    key_cache = np.full((kv_heads, capacity, dim), 7, dtype=dtype)  # 7: marks rows the step must not touch
-    value_cache = np.full((kv_heads, capacity, dim), 7, dtype=dtype)
-    key_cache[:, :length] = rng.standard_normal((kv_heads, length, dim))
-    value_cache[:, :length] = rng.standard_normal((kv_heads, length, dim))
+    cache = _cache(kv_heads, length + seq + 3, dim, dtype, rng, length)
     q = rng.standard_normal((seq, heads * dim)).astype(np.float32)
     k = rng.standard_normal((seq, kv_heads * dim)).astype(np.float32)
     v = rng.standard_normal((seq, kv_heads * dim)).astype(np.float32)
     positions = np.arange(length, length + seq) * 3 % ROPE_ROWS  # RoPE reads the positions it is given
-    before = key_cache.copy()
+    before = attention.LayerCache(*(None if a is None else a.copy() for a in
+                                    (cache.keys, cache.values, cache.key_scales, cache.value_scales)))
     out = np.empty_like(q)
-    kernel(q, k, v, positions, key_cache, value_cache, length, out)
-    qr, kr = _reference(q, k, v, positions, tables, key_cache, length)
-    return dict(out=out, want=_attend(qr, key_cache, value_cache, length), kr=kr, v=v, before=before,
-                key_cache=key_cache, value_cache=value_cache, length=length, seq=seq)
+    kernel(q, k, v, positions, cache, length, out)
+    qr, kr = _reference(q, k, v, positions, tables, cache.keys, length)
+    return dict(out=out, want=_attend(qr, cache, length), kr=kr, v=v, before=before, cache=cache, length=length,
+                seq=seq)
 
 
-SHAPES = [(4, 2, 16), (32, 8, 128), (6, 2, 32), (8, 8, 32)]  # tiny; Ministral 3; 3 per group; one per group
+# tiny; Ministral 3; 3 per group; one per group; 4 per group in the 8-float (AVX2) unit (D % 32 != 0)
+SHAPES = [(4, 2, 16), (32, 8, 128), (6, 2, 32), (8, 8, 32), (8, 2, 48)]
+DTYPES = [np.float32, np.float16, np.int8]
 
 
 @pytest.mark.parametrize("heads,kv_heads,dim", SHAPES)
 @pytest.mark.parametrize("length,seq", [(0, 1), (0, 6), (37, 1), (37, 5)])
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_kernel_matches_the_definition(heads, kv_heads, dim, length, seq, dtype):
     r = _step(heads, kv_heads, dim, length, seq, dtype, threads=2)
     np.testing.assert_allclose(r["out"], r["want"], atol=1e-5, rtol=0)
-    kv = r["key_cache"].shape[0]
+    cache, before, kv = r["cache"], r["before"], r["cache"].keys.shape[0]
     new = slice(r["length"], r["length"] + r["seq"])
-    rounding = 2.0 ** -11 if dtype == np.float16 else 1e-6  # the stored key: the rotation, rounded once
-    np.testing.assert_allclose(r["key_cache"][:, new], r["kr"], rtol=rounding, atol=1e-6)
-    np.testing.assert_array_equal(r["value_cache"][:, new],
-                                  r["v"].reshape(r["seq"], kv, -1).transpose(1, 0, 2).astype(dtype))
-    untouched = np.ones(r["key_cache"].shape[1], bool)
+    keys, values = (x[:, new] for x in _stored(cache))
+    given = r["v"].reshape(r["seq"], kv, -1).transpose(1, 0, 2)
+    if dtype == np.int8:  # each row: its largest magnitude at 127, the rest within half a step of it
+        for stored, x, ints, scale in ((keys, r["kr"], cache.keys, cache.key_scales),
+                                       (values, given, cache.values, cache.value_scales)):
+            np.testing.assert_allclose(scale[:, new], np.abs(x).max(axis=-1) / 127, rtol=1e-6)
+            assert (np.abs(ints[:, new]).max(axis=-1) == 127).all()
+            assert (np.abs(stored - x) <= scale[:, new, None] * (0.5 + 1e-4)).all()
+    else:
+        rounding = 2.0 ** -11 if dtype == np.float16 else 1e-6  # the stored key: the rotation, rounded once
+        np.testing.assert_allclose(keys, r["kr"], rtol=rounding, atol=1e-6)
+        np.testing.assert_array_equal(cache.values[:, new], given.astype(dtype))
+    untouched = np.ones(cache.capacity, bool)
     untouched[new] = False
-    np.testing.assert_array_equal(r["key_cache"][:, untouched], r["before"][:, untouched])
+    for name in ("keys", "values", "key_scales", "value_scales"):
+        if getattr(cache, name) is not None:
+            np.testing.assert_array_equal(getattr(cache, name)[:, untouched], getattr(before, name)[:, untouched])
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def _quantized(cache: attention.LayerCache) -> attention.LayerCache:
+    """A float cache as int8 rows: each row's largest magnitude at 127 (the kernel's rule)."""
+    rows = []
+    for x in (cache.keys, cache.values):
+        scale = (np.abs(x).max(axis=-1) / 127).astype(np.float32)
+        rows.append((np.rint(x / np.where(scale > 0, scale, 1)[..., None]).astype(np.int8), scale))
+    return attention.LayerCache(rows[0][0], rows[1][0], rows[0][1], rows[1][1])
+
+
+def test_an_int8_cache_stays_close_to_the_float_definition():
+    """What int8 rows cost against the exact keys and values (the test above holds the kernel to
+    the rows as stored): a row keeps ~2^-8 of its largest magnitude, and a step's output moves
+    by ~1 % of its largest for it (measured over six seeds: 0.6-1.2e-2), bounded at 2e-2; at
+    least 1e-4, or the rows were not quantized at all."""
+    rng = np.random.default_rng(5)
+    heads, kv_heads, dim, length = 32, 8, 128, 300
+    tables = _tables(dim, rng)
+    kernel = attention.AttentionKernel(attention.load(), heads, kv_heads, dim, tables, 2)
+    exact = _cache(kv_heads, length + 1, dim, np.float32, rng, length, fill=0)
+    q, k, v = (rng.standard_normal((1, n * dim)).astype(np.float32) for n in (heads, kv_heads, kv_heads))
+    positions = np.array([length])
+    out = np.empty_like(q)
+    kernel(q, k, v, positions, _quantized(exact), length, out)
+    kernel(q, k, v, positions, exact, length, np.empty_like(q))  # the exact cache gets this step's row too
+    qr, _ = _reference(q, k, v, positions, tables, exact.keys, length)
+    want = _attend(qr, exact, length)
+    err = np.abs(out - want).max() / np.abs(want).max()
+    assert 1e-4 < err < 2e-2, err
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_kernel_on_threads_matches_one_thread(dtype):
     """Long enough (1,100 cached rows x 8 KV heads) that the work is split across threads."""
     one, two = (_step(32, 8, 128, 1100, 1, dtype, threads=t) for t in (1, 2))
@@ -120,18 +181,20 @@ def _peaked_step(dtype, threads, length=1100, heads=8, dim=32):
     positions = np.array([length])
     qr, _ = _reference(q, k, v, positions, tables, np.zeros((heads, 1, dim)), length)
     against = -100 * qr[0] / (qr[0] ** 2).sum(axis=1, keepdims=True)  # [heads, dim]: scores -100
-    key_cache = np.zeros((heads, length + 1, dim), dtype)
-    key_cache[:, :length] = against[:, None]
-    key_cache[:, :length:3] = 0
-    value_cache = rng.standard_normal((heads, length + 1, dim)).astype(dtype)
+    keys = np.zeros((heads, length + 1, dim))
+    keys[:, :length] = against[:, None]
+    keys[:, :length:3] = 0
+    cache = attention.LayerCache(keys, rng.standard_normal((heads, length + 1, dim)))
+    cache = _quantized(cache) if dtype == np.int8 else attention.LayerCache(*(np.ascontiguousarray(
+        x, dtype=dtype) for x in (cache.keys, cache.values)))
     out = np.empty_like(q)
-    kernel(q, k, v, positions, key_cache, value_cache, length, out)
-    qr, _ = _reference(q, k, v, positions, tables, key_cache, length)
-    scores = np.einsum("hd,hnd->hn", qr[0], key_cache[:, :length].astype(np.float64))
-    return out, _attend(qr, key_cache, value_cache, length), scores
+    kernel(q, k, v, positions, cache, length, out)
+    qr, _ = _reference(q, k, v, positions, tables, cache.keys, length)
+    scores = np.einsum("hd,hnd->hn", qr[0], _stored(cache)[0][:, :length])
+    return out, _attend(qr, cache, length), scores
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_kernel_with_sharply_peaked_scores(dtype):
     """Two thirds of the weights below float32's normal range, on one thread and on two: the
     result is still the definition's."""
@@ -190,12 +253,20 @@ def test_kernel_threads_work_in_a_forked_child():
 def test_kernel_refuses_what_it_does_not_take():
     rng = np.random.default_rng(0)
     kernel = attention.AttentionKernel(attention.load(), 4, 2, 16, _tables(16, rng), 1)
-    cache = np.zeros((2, 8, 16), np.float32)
+    cache = attention.LayerCache(np.zeros((2, 8, 16), np.float32), np.zeros((2, 8, 16), np.float32))
     q, kv = np.zeros((1, 64), np.float32), np.zeros((1, 32), np.float32)
     with pytest.raises(RuntimeError, match="refused a step"):
-        kernel(q, kv, kv, np.array([ROPE_ROWS]), cache, cache.copy(), 0, q.copy())  # past the RoPE tables
+        kernel(q, kv, kv, np.array([ROPE_ROWS]), cache, 0, q.copy())  # past the RoPE tables
     with pytest.raises(RuntimeError, match="refused a step"):
-        kernel(q, kv, kv, np.array([3]), cache, cache.copy(), 8, q.copy())  # the cache is full
+        kernel(q, kv, kv, np.array([3]), cache, 8, q.copy())  # the cache is full
+    int8 = np.zeros((2, 8, 16), np.int8)
+    with pytest.raises(ValueError, match="row scales"):  # int8 rows mean nothing without their scales
+        kernel(q, kv, kv, np.array([3]), attention.LayerCache(int8, int8.copy()), 0, q.copy())
+    with pytest.raises(ValueError, match="row scales"):
+        kernel(q, kv, kv, np.array([3]), attention.LayerCache(int8, int8.copy(), np.zeros((2, 7), np.float32),
+                                                              np.zeros((2, 8), np.float32)), 0, q.copy())
+    with pytest.raises(ValueError, match="must both be"):
+        kernel(q, kv, kv, np.array([3]), attention.LayerCache(cache.keys, int8), 0, q.copy())
     assert attention.supports(32, 8, 128) and attention.supports(4, 2, 16)
     assert not attention.supports(32, 8, 24) and not attention.supports(30, 8, 128)
 

@@ -113,18 +113,23 @@ def test_a_package_with_an_older_cpu_graph_runs_its_standard_graph(tiny_checkpoi
 
 
 @pytest.mark.parametrize("quant,recipe", [("none", {}), ("int4", dict(block_size=32, head="int4"))])
-def test_float16_kv_cache_stays_close_to_float32(tiny_checkpoints, build_package, quant, recipe):
-    """The default float16 cache against the float32 one, teacher-forced over 60 steps: float16
-    keeps 11 bits of each key and value (relative rounding 2^-11); these packages move their
-    logits by ~6e-4 of the largest for it (measured), bounded here at 5e-3, with the same top-1
-    token at every step. (The kernel's float16 arithmetic itself is held to 1e-5 against the
-    definition in test_attention_kernel.py.)"""
+@pytest.mark.parametrize("kv_cache,bound,agree", [("float16", 5e-3, 1.0), ("int8", 3e-2, 0.95)])
+def test_smaller_kv_caches_stay_close_to_float32(tiny_checkpoints, build_package, quant, recipe, kv_cache, bound,
+                                                 agree):
+    """The default float16 cache and the int8 one against the float32 one, teacher-forced over 60
+    steps. float16 keeps 11 bits of each key and value (relative rounding 2^-11): these packages
+    move their logits by ~6e-4 of the largest for it (measured), bounded at 5e-3, with the same
+    top-1 token at every step. int8 keeps each row to 2^-8 of its largest magnitude: 1.1-1.3e-2
+    (measured), bounded at 3e-2, with the same top-1 token at 95 % of the steps or more (measured:
+    all 61, and 60 of 61 where the float32 cache's two best logits were 8e-4 of the largest
+    apart). (The kernel's arithmetic on each is held to 1e-5 against the definition over the
+    rows as stored, in test_attention_kernel.py.)"""
     pkg = build_package(tiny_checkpoints["mm_tied"], quant, **recipe)
     ids = np.random.default_rng(0).integers(5, 4000, 12 + N_NEW)
     runs = []
-    for kv_cache in ("float32", "float16"):
-        backend = edge_sdk.load(pkg, accuracy_level=0, kv_cache=kv_cache).backend
-        assert backend.segmented is not None and backend.cache_dtype == np.dtype(kv_cache)
+    for dtype in ("float32", kv_cache):
+        backend = edge_sdk.load(pkg, accuracy_level=0, kv_cache=dtype).backend
+        assert backend.segmented is not None and backend.cache_dtype == np.dtype(dtype)
         cache = backend.new_cache()
         logits, cache = backend.forward(backend.embed(ids[:12]), np.arange(12), cache)
         steps = [logits]
@@ -132,9 +137,20 @@ def test_float16_kv_cache_stays_close_to_float32(tiny_checkpoints, build_package
             logits, cache = backend.forward(backend.embed(ids[pos:pos + 1]), np.array([pos]), cache)
             steps.append(logits)
         runs.append(np.stack(steps))
-    full, half = runs
-    assert (np.abs(half - full).max(axis=-1) / np.abs(full).max(axis=-1)).max() < 5e-3
-    np.testing.assert_array_equal(half.argmax(-1), full.argmax(-1))
+    full, small = runs
+    assert (np.abs(small - full).max(axis=-1) / np.abs(full).max(axis=-1)).max() < bound
+    assert (small.argmax(-1) == full.argmax(-1)).mean() >= agree
+
+
+def test_an_int8_cache_without_the_kernel_says_so_and_runs(tiny_checkpoints, build_package, monkeypatch, caplog):
+    """int8 rows are the kernel's form: where it is not installed the graph's attention keeps its
+    own float cache, and the log says which."""
+    _without_kernel(monkeypatch)
+    with caplog.at_level("WARNING"):
+        model = edge_sdk.load(build_package(tiny_checkpoints["mm_tied"]), kv_cache="int8")
+    assert "an int8 KV cache needs the attention kernel; the graph's attention keeps a float32 cache" in caplog.text
+    assert model.backend.cache_dtype == np.float32
+    assert len(model.generate([1, 3, 1091, 1500], max_tokens=4, stop_token_ids=()).tokens) == 4
 
 
 def test_cut_graph_runs_each_weight_once_and_no_graph_attention(tiny_checkpoints, build_package):
@@ -202,15 +218,15 @@ def test_a_step_interrupted_by_another_sequence_keeps_its_own(tiny_checkpoints, 
     a_prompt, b_prompt = [1, 3, 1091, 1500, 2041], [1, 3, 1201, 3333, 1044, 4, 1600]
     want, _ = backend.forward(backend.embed(np.array([11])), np.array([6]), primed(a_prompt))
     a, b = primed(a_prompt), primed(b_prompt)
-    kernel, interrupted = backend.segmented.kernel, []
+    first_attention, interrupted = a.decode_io.attention[0], []
 
-    def interrupting(*args):
+    def interrupting(length):
         if not interrupted:
             interrupted.append(True)
             backend.forward(backend.embed(np.array([13])), np.array([8]), b)
-        kernel(*args)
+        first_attention(length)
 
-    backend.segmented.kernel = interrupting
+    a.decode_io.attention[0] = interrupting
     got, _ = backend.forward(backend.embed(np.array([11])), np.array([6]), a)
     assert interrupted and b.length == 9
     np.testing.assert_array_equal(got, want)

@@ -38,35 +38,79 @@ class RopeTables:
         return self.k_cos.shape[0]
 
 
+@dataclass(frozen=True)
+class LayerCache:
+    """One layer's KV cache as the kernel reads and writes it: keys and values [kv_heads,
+    capacity, D] float32, float16 or int8; int8 ones with each row's scale [kv_heads, capacity]
+    float32 (a row holds its largest magnitude at 127)."""
+
+    keys: np.ndarray
+    values: np.ndarray
+    key_scales: np.ndarray | None = None
+    value_scales: np.ndarray | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[1]
+
+    def check(self) -> None:
+        scales = (self.key_scales, self.value_scales)
+        for array in (self.keys, self.values, *(s for s in scales if s is not None)):
+            if not array.flags.c_contiguous:
+                raise ValueError("the attention kernel reads and writes C-contiguous arrays only")
+        if self.keys.dtype != self.values.dtype or self.keys.dtype not in CACHE_DTYPES:
+            raise ValueError(f"KV caches must both be float32, float16 or int8, not {self.keys.dtype}/"
+                             f"{self.values.dtype}")
+        if (self.keys.dtype == np.int8) != all(s is not None for s in scales) or any(
+                s is not None and (s.dtype != np.float32 or s.shape != self.keys.shape[:2]) for s in scales):
+            raise ValueError("int8 KV caches take float32 row scales [kv_heads, capacity], and only they do")
+
+    def pointers(self) -> list:
+        return [a if a is None else a.ctypes.data for a in (self.keys, self.values, self.key_scales, self.value_scales)]
+
+
+CACHE_DTYPES = (np.float32, np.float16, np.int8)
+
+
 class AttentionKernel:
     def __init__(self, library: ctypes.CDLL, heads: int, kv_heads: int, head_dim: int, rope: RopeTables,
                  threads: int):
         self._call = library.edge_attention
-        self._call.argtypes = [_INT] * 7 + [_POINTER, _INT] + [_POINTER] * 10 + [_INT]
+        self._call.argtypes = [_INT] * 7 + [_POINTER, _INT] + [_POINTER] * 12 + [_INT]
         self._call.restype = _INT
         self.heads, self.kv_heads, self.head_dim, self.threads = heads, kv_heads, head_dim, threads
         self.rope = rope
         self._tables = [t.ctypes.data for t in (rope.q_cos, rope.q_sin, rope.k_cos, rope.k_sin)]
 
-    def __call__(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray,
-                 key_cache: np.ndarray, value_cache: np.ndarray, length: int, out: np.ndarray) -> None:
+    def __call__(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray, cache: LayerCache,
+                 length: int, out: np.ndarray) -> None:
         """q [S, heads*D], k/v [S, kv_heads*D] float32 (C-contiguous, before RoPE); positions
-        int64 [S]; caches [kv_heads, capacity, D] float32 or float16 with `length` filled: keys
-        and values land at length .. length + S - 1, the result in ``out`` [S, heads*D]."""
-        for array in (q, k, v, out, key_cache, value_cache):
+        int64 [S]; ``cache`` with `length` rows filled: this step's keys and values land at
+        length .. length + S - 1, the result in ``out`` [S, heads*D]."""
+        self.bind(q, k, v, np.ascontiguousarray(positions, dtype=np.int64), cache, out)(length)
+
+    def bind(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray, cache: LayerCache,
+             out: np.ndarray):
+        """The call over these arrays as a function of the cached length, checked once: a decode
+        step's arrays are the same every step (a check and the pointers per call were ~60 us of
+        Python, six times a step)."""
+        for array in (q, k, v, out, positions):
             if not array.flags.c_contiguous:
                 raise ValueError("the attention kernel reads and writes C-contiguous arrays only")
-        if key_cache.dtype != value_cache.dtype or key_cache.dtype not in (np.float16, np.float32):
-            raise ValueError(f"KV caches must both be float16 or float32, not {key_cache.dtype}/{value_cache.dtype}")
-        positions = np.ascontiguousarray(positions, dtype=np.int64)
-        seq = q.shape[0]
-        status = self._call(seq, self.heads, self.kv_heads, self.head_dim, key_cache.shape[1], length,
-                            key_cache.dtype.itemsize * 8, positions.ctypes.data, self.rope.rows, *self._tables,
-                            q.ctypes.data, k.ctypes.data, v.ctypes.data, key_cache.ctypes.data,
-                            value_cache.ctypes.data, out.ctypes.data, self.threads)
-        if status:
-            raise RuntimeError(f"attention kernel refused a step ({seq} tokens at {length} cached, positions "
-                               f"{positions.min()}..{positions.max()} of {self.rope.rows}): status {status}")
+        if positions.dtype != np.int64:
+            raise ValueError(f"positions must be int64, not {positions.dtype}")
+        cache.check()
+        seq, call = q.shape[0], self._call
+        head = (seq, self.heads, self.kv_heads, self.head_dim, cache.capacity)
+        tail = (cache.keys.dtype.itemsize * 8, positions.ctypes.data, self.rope.rows, *self._tables, q.ctypes.data,
+                k.ctypes.data, v.ctypes.data, *cache.pointers(), out.ctypes.data, self.threads)
+
+        def run(length: int) -> None:
+            if call(*head, length, *tail):
+                raise RuntimeError(f"attention kernel refused a step ({seq} tokens at {length} cached of "
+                                   f"{cache.capacity}, positions {positions.min()}..{positions.max()} of "
+                                   f"{self.rope.rows})")
+        return run
 
 
 def supports(heads: int, kv_heads: int, head_dim: int) -> bool:

@@ -7,8 +7,8 @@ artifact that ships. `accuracy_level` picks ONNX Runtime's MatMulNBits kernel fo
 Three ways to run the decoder, one interface:
 - `decoder.cpu.onnx` cut at its attentions (runtime/segments.py), where the attention kernel is
   installed: a session per stretch between attentions, the kernel between them writing into KV
-  buffers this backend makes for the whole context (float16 by default) and reading only the
-  filled rows;
+  buffers this backend makes for the whole context (`KernelCache`: float16 by default, int8 or
+  float32 on request) and reading only the filled rows;
 - `decoder.cpu.onnx` whole (CPU-profile packages; export/cpu_graph.py), where it is not:
   attention that reads the KV buffers (bound without a copy) and returns the step's new keys and
   values, which this backend writes into the buffers. They grow in 256-token steps (one copy
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .attention import LayerCache
 from .embedding import EmbeddingTable
 from .io_binding import bind_arrays
 from .segments import DecodeBindings, SegmentedDecoder
@@ -37,8 +38,9 @@ log = logging.getLogger(__name__)
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 #: What the attention kernel's KV buffers may hold: float16 halves the bytes a long-context step
-#: reads; float32 keeps it exactly the graph's arithmetic (for the exact tests).
-KV_CACHE_DTYPES = ("float16", "float32")
+#: reads; int8 (each row with its scale) halves them again; float32 keeps it exactly the graph's
+#: arithmetic (for the exact tests).
+KV_CACHE_DTYPES = ("float16", "int8", "float32")
 
 
 @dataclass
@@ -63,19 +65,34 @@ class DecodeIO:
 
 @dataclass
 class InPlaceCache:
-    """CPU graph: per-layer key and value buffers [1, kv_heads, capacity, head_dim] (NumPy arrays
-    and, for the whole graph, the OrtValues over their memory), of which the first `length`
-    positions are filled; and this sequence's one-token bindings (its own, so that generations
-    on other threads never share them)."""
+    """The whole CPU graph: per-layer key and value buffers [1, kv_heads, capacity, head_dim]
+    (NumPy arrays and the OrtValues over their memory), of which the first `length` positions are
+    filled; and this sequence's one-token bindings (its own, so that generations on other threads
+    never share them)."""
 
     arrays: dict[str, np.ndarray]
     values: dict[str, object]
     length: int = 0
-    decode_io: DecodeIO | DecodeBindings | None = None  # made by the first one-token step over these buffers
+    decode_io: DecodeIO | None = None  # made by the first one-token step over these buffers
 
     @property
     def capacity(self) -> int:
         return next(iter(self.arrays.values())).shape[2]
+
+
+@dataclass
+class KernelCache:
+    """Attention kernel: each layer's cache (attention.LayerCache), made for the whole context at
+    once (the kernel reads only the filled rows; untouched pages take no memory), of which the
+    first `length` positions are filled; and this sequence's one-token bindings."""
+
+    layers: list[LayerCache]
+    length: int = 0
+    decode_io: DecodeBindings | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0].capacity
 
 
 #: The whole CPU graph's buffers grow in steps of this many tokens (up to the package's context):
@@ -152,6 +169,9 @@ class OnnxRuntimeBackend:
         if self.segmented is None:
             self.sessions["decoder"] = _session(decoder_path, options, accuracy_level, decoder_graph)
             self.output_names = [o.name for o in self.sessions["decoder"].get_outputs()]
+        if kv_cache == "int8" and not self.segmented:
+            log.warning("an int8 KV cache needs the attention kernel; the graph's attention keeps a %s cache",
+                        np.dtype(self.dtype).name)
         self.cache_dtype = np.dtype(kv_cache) if self.segmented else np.dtype(self.dtype)
         self.sessions.update({r: _session(self.package_dir / manifest.graphs[r].file, options, accuracy_level)
                               for r in ("vision", "audio") if r in manifest.graphs})
@@ -208,15 +228,20 @@ class OnnxRuntimeBackend:
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.embeddings.lookup(ids)
 
-    def new_cache(self) -> OrtCache | InPlaceCache:
-        if self.segmented:  # reads only the filled rows; untouched pages of the rest take no memory
-            return self._buffers(self.context_length)
+    def new_cache(self) -> OrtCache | InPlaceCache | KernelCache:
+        if self.segmented:
+            return KernelCache([self._layer_cache() for _ in self.segmented.layers])
         if self.in_place:
             return self._buffers(min(CAPACITY_STEP, self.context_length))
         import onnxruntime as ort
 
         empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
         return OrtCache({name: ort.OrtValue.ortvalue_from_numpy(empty) for name in self.cache_names})
+
+    def _layer_cache(self) -> LayerCache:
+        shape = (self.kv_heads, self.context_length, self.head_dim)
+        scales = ([np.zeros(shape[:2], np.float32) for _ in range(2)] if self.cache_dtype == np.int8 else [None, None])
+        return LayerCache(np.zeros(shape, self.cache_dtype), np.zeros(shape, self.cache_dtype), *scales)
 
     def _buffers(self, capacity: int, old: InPlaceCache | None = None) -> InPlaceCache:
         """Buffers of ``capacity`` tokens, holding ``old``'s cached tokens if given."""
@@ -227,10 +252,10 @@ class OnnxRuntimeBackend:
         if old is not None:
             for name, array in arrays.items():
                 array[:, :, :old.length] = old.arrays[name][:, :, :old.length]
-        values = {} if self.segmented else {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
+        values = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
         return InPlaceCache(arrays, values, old.length if old is not None else 0)
 
-    def forward(self, embeds: np.ndarray, position_ids: np.ndarray, cache: OrtCache | InPlaceCache):
+    def forward(self, embeds: np.ndarray, position_ids: np.ndarray, cache: OrtCache | InPlaceCache | KernelCache):
         if self.in_place and len(embeds) > PREFILL_CHUNK:  # the CPU graph's scores grow as chunk x context
             for start in range(0, len(embeds) - PREFILL_CHUNK, PREFILL_CHUNK):
                 _, cache = self.forward(embeds[start:start + PREFILL_CHUNK],
@@ -262,20 +287,20 @@ class OnnxRuntimeBackend:
         return binding
 
     def _forward_in_place(self, embeds: np.ndarray, position_ids: np.ndarray,
-                          cache: InPlaceCache) -> tuple[np.ndarray, InPlaceCache]:
+                          cache: InPlaceCache | KernelCache) -> tuple[np.ndarray, InPlaceCache | KernelCache]:
         n = len(embeds)
         need = cache.length + n
         if need > self.context_length:
             raise ContextOverflowError(f"{cache.length} cached + {n} new tokens exceed the context of "
                                        f"{self.context_length} tokens")
+        if self.segmented:
+            logits, cache.decode_io = self.segmented.step(np.asarray(embeds, dtype=self.dtype), position_ids,
+                                                          cache.layers, cache.length, cache.decode_io)
+            cache.length = need
+            return logits, cache
         if need > cache.capacity:
             capacity = -(-need // CAPACITY_STEP) * CAPACITY_STEP
             cache = self._buffers(min(capacity, self.context_length), cache)
-        if self.segmented:
-            logits, cache.decode_io = self.segmented.step(np.asarray(embeds, dtype=self.dtype), position_ids,
-                                                          cache.arrays, cache.length, cache.decode_io)
-            cache.length = need
-            return logits, cache
         session = self.sessions["decoder"]
         if n == 1:
             io = cache.decode_io = cache.decode_io or self._decode_io(cache)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .attention import AttentionKernel, RopeTables
+from .attention import AttentionKernel, LayerCache, RopeTables
 from .io_binding import bind_arrays
 
 ATTENTION_CUTS_KEY = "edge_sdk.attention_cuts"
@@ -165,14 +165,16 @@ def _piece(model, nodes: list, seg: int, node_segment: dict[int, int], constant:
 
 @dataclass
 class DecodeBindings:
-    """A one-token step's tensors as NumPy arrays, bound once to an IO binding per piece: a decode
-    step then copies its embedding and position in and its logits out, with no feeds, output
-    allocations or conversions per piece; the kernel reads q, k, v from and writes its output
-    into the same arrays."""
+    """A one-token step's tensors as NumPy arrays, bound once to an IO binding per piece, and the
+    kernel's call per layer bound once over them and the sequence's cache: a decode step then
+    copies its embedding and position in and its logits out, with no feeds, output allocations,
+    conversions or argument checks per piece; the kernel reads q, k, v from and writes its
+    output into the same arrays."""
 
     bindings: list
     arrays: dict[str, np.ndarray]
     values: list  # the OrtValues over those arrays, kept alive with them (per piece)
+    attention: list  # per layer: the kernel bound to this step's arrays and the layer's cache, f(length)
 
 
 class SegmentedDecoder:
@@ -193,16 +195,16 @@ class SegmentedDecoder:
                     for i, piece in enumerate(pieces)]
         return cls(segments, cuts, kernel)
 
-    def step(self, embeds: np.ndarray, position_ids: np.ndarray, arrays: dict[str, np.ndarray], length: int,
+    def step(self, embeds: np.ndarray, position_ids: np.ndarray, caches: list[LayerCache], length: int,
              bindings: DecodeBindings | None) -> tuple[np.ndarray, DecodeBindings | None]:
         """(logits [S, vocab], bindings) for ``embeds`` [S, H] at ``position_ids`` [S], with
-        ``length`` tokens already in the buffers ``arrays`` ([1, KV, capacity, D] each); this
-        step's keys and values are written into them. ``bindings``: one sequence's (the caller
-        keeps them with its cache: generations on other threads have their own), made by its
-        first one-token step and used by the next ones."""
+        ``length`` tokens already in ``caches`` (one per layer); this step's keys and values are
+        written into them. ``bindings``: one sequence's (the caller keeps them with its caches:
+        generations on other threads have their own), made by its first one-token step and used
+        by the next ones."""
         positions = np.ascontiguousarray(position_ids, dtype=np.int64).reshape(-1)
         if len(positions) == 1 and bindings is not None:
-            return self._decode_step(embeds, positions, arrays, length, bindings), bindings
+            return self._decode_step(embeds, positions, length, bindings), bindings
         values = {"inputs_embeds": embeds.reshape(1, *embeds.shape), "position_ids": positions.reshape(1, -1)}
         for i, segment in enumerate(self.segments):
             outs = segment.session.run(segment.outputs, {name: values[name] for name in segment.inputs})
@@ -212,26 +214,26 @@ class SegmentedDecoder:
             layer = self.layers[i]
             q, k, v = (np.ascontiguousarray(values[layer[n]][0], dtype=np.float32) for n in ("q", "k", "v"))
             out = np.empty_like(q)
-            self.kernel(q, k, v, positions, arrays[layer["past_key"]][0], arrays[layer["past_value"]][0], length, out)
+            self.kernel(q, k, v, positions, caches[i], length, out)
             values[layer["out"]] = out[None]
-        return values["logits"][0], self._bind(values) if len(positions) == 1 else bindings
+        return values["logits"][0], self._bind(values, caches) if len(positions) == 1 else bindings
 
-    def _decode_step(self, embeds, positions, arrays, length, io: DecodeBindings) -> np.ndarray:
+    def _decode_step(self, embeds, positions, length, io: DecodeBindings) -> np.ndarray:
         io.arrays["inputs_embeds"][...] = embeds
         io.arrays["position_ids"][...] = positions
         for i, (segment, binding) in enumerate(zip(self.segments, io.bindings)):
             segment.session.run_with_iobinding(binding)
             if i == len(self.layers):
                 return io.arrays["logits"][0].copy()
-            layer = self.layers[i]
-            self.kernel(*(io.arrays[layer[n]][0] for n in ("q", "k", "v")), positions, arrays[layer["past_key"]][0],
-                        arrays[layer["past_value"]][0], length, io.arrays[layer["out"]][0])
+            io.attention[i](length)
         raise AssertionError("unreachable: the last piece makes the logits")
 
-    def _bind(self, values: dict[str, np.ndarray]) -> DecodeBindings:
+    def _bind(self, values: dict[str, np.ndarray], caches: list[LayerCache]) -> DecodeBindings:
         """Bindings over copies of one one-token step's tensors (their shapes are every one's); a
         piece's output array is the next pieces' input array, so nothing is copied between them."""
         arrays = {name: np.array(value, order="C") for name, value in values.items()}
         bound = [bind_arrays(segment.session, {n: arrays[n] for n in segment.inputs},
                              {n: arrays[n] for n in segment.outputs}) for segment in self.segments]
-        return DecodeBindings([binding for binding, _ in bound], arrays, [values for _, values in bound])
+        attention = [self.kernel.bind(*(arrays[layer[n]][0] for n in ("q", "k", "v")), arrays["position_ids"][0],
+                                      cache, arrays[layer["out"]][0]) for layer, cache in zip(self.layers, caches)]
+        return DecodeBindings([binding for binding, _ in bound], arrays, [values for _, values in bound], attention)

@@ -39,9 +39,10 @@
 #define ROWS_PER_THREAD 4096 /* cached rows a step must read per thread before threads pay off */
 
 struct step {
-    int seq, heads, kv_heads, head_dim, capacity, length, half;
+    int seq, heads, kv_heads, head_dim, capacity, length, bits; /* bits: the cache's 32, 16 or 8 */
     const float *q; /* rotated and scaled */
     void *key_cache, *value_cache;
+    float *key_scale, *value_scale; /* int8 caches: each row's scale, [kv_heads, capacity] */
     float *out;
 };
 
@@ -83,20 +84,30 @@ static void rotate(float *dst, const float *x, int heads, int D, const float *co
         }
 }
 
+/* One row of D values into a cache of `bits`: int8 rows keep their largest magnitude at 127 and
+ * store the scale back to floats (symmetric, per row: what each key's score and each value's
+ * weight is multiplied by). */
+static void store_row(void *cache, float *scales, size_t row, int D, int bits, const float *x) {
+    if (bits == 32) {
+        memcpy((float *)cache + row * D, x, sizeof(float) * D);
+    } else if (bits == 16) {
+        for (int d = 0; d < D; d++) ((_Float16 *)cache + row * D)[d] = (_Float16)x[d];
+    } else {
+        float top = 0.0f;
+        for (int d = 0; d < D; d++) top = fabsf(x[d]) > top ? fabsf(x[d]) : top;
+        const float inverse = top > 0.0f ? 127.0f / top : 0.0f;
+        for (int d = 0; d < D; d++) ((signed char *)cache + row * D)[d] = (signed char)lrintf(x[d] * inverse);
+        scales[row] = top / 127.0f;
+    }
+}
+
 /* Position s's keys (rotated, in `k_rotated`) and values into the caches at length + s. */
 static void store_rows(const struct step *st, const float *k_rotated, const float *v) {
     const int D = st->head_dim;
     for (int h = 0; h < st->kv_heads; h++, k_rotated += D, v += D) {
-        size_t at = ((size_t)h * st->capacity + st->length) * D;
-        for (int d = 0; d < D; d++) {
-            if (st->half) {
-                ((_Float16 *)st->key_cache)[at + d] = (_Float16)k_rotated[d];
-                ((_Float16 *)st->value_cache)[at + d] = (_Float16)v[d];
-            } else {
-                ((float *)st->key_cache)[at + d] = k_rotated[d];
-                ((float *)st->value_cache)[at + d] = v[d];
-            }
-        }
+        size_t row = (size_t)h * st->capacity + st->length;
+        store_row(st->key_cache, st->key_scale, row, D, st->bits, k_rotated);
+        store_row(st->value_cache, st->value_scale, row, D, st->bits, v);
     }
 }
 
@@ -231,17 +242,19 @@ const char *edge_attention_source(void) { return EDGE_ATTENTION_SOURCE; }
 int edge_attention(int seq, int heads, int kv_heads, int head_dim, int capacity, int length, int cache_bits,
                    const long long *positions, int rope_rows, const float *q_cos, const float *q_sin,
                    const float *k_cos, const float *k_sin, const float *q, const float *k, const float *v,
-                   void *key_cache, void *value_cache, float *out, int threads) {
+                   void *key_cache, void *value_cache, float *key_scale, float *value_scale, float *out,
+                   int threads) {
     if (seq < 1 || kv_heads < 1 || heads % kv_heads || heads / kv_heads > MAX_GROUPS || head_dim % 16
-        || length < 0 || length + seq > capacity || (cache_bits != 16 && cache_bits != 32))
+        || length < 0 || length + seq > capacity || (cache_bits != 8 && cache_bits != 16 && cache_bits != 32)
+        || (cache_bits == 8 && !(key_scale && value_scale)))
         return -1;
     for (int s = 0; s < seq; s++)
         if (positions[s] < 0 || positions[s] >= rope_rows) return -1;
     const size_t q_size = (size_t)heads * head_dim, kv_size = (size_t)kv_heads * head_dim;
     float *rotated = malloc(sizeof(float) * (seq * q_size + kv_size));
     if (!rotated) return -2;
-    struct step st = {seq, heads, kv_heads, head_dim, capacity, length, cache_bits == 16, rotated, key_cache,
-                      value_cache, out};
+    struct step st = {seq, heads, kv_heads, head_dim, capacity, length, cache_bits, rotated, key_cache,
+                      value_cache, key_scale, value_scale, out};
     float *k_rotated = rotated + seq * q_size;
     for (int s = 0; s < seq; s++) {
         rotate(rotated + s * q_size, q + s * q_size, heads, head_dim, q_cos, q_sin, positions[s]);
