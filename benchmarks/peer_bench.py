@@ -6,7 +6,9 @@ Stages, each skipped when its output exists in --work:
 1. a random checkpoint with the real Ministral-3-3B layer shapes (hidden 3072, intermediate 9216,
    32/8 heads, head_dim 128, vocab 131072, tied head), cut to --layers layers, bf16, with a
    full-vocabulary tekken.json (edge_sdk.tiny);
-2. edge-sdk build --quant int4 (block 128, AWQ, head auto), timed, with its peak RSS;
+2. edge-sdk build --quant int4 (block 128, AWQ, head auto), timed, with its peak RSS (and the
+   same with the head forced, --edge-heads; the last of these also runs with each
+   --edge-kv-caches KV cache, the rest with the default float16 one);
 3. the same weights for llama.cpp (its convert_hf_to_gguf.py, then Q4_0 through
    llama_cpp.llama_model_quantize) and for ONNX Runtime GenAI (its model builder, INT4, block
    128; it knows no Ministral3ForCausalLM, so it builds from a copy whose config says
@@ -147,8 +149,12 @@ def build_ort_genai(work: Path, ckpt: Path, peers: str, threads: int) -> Path | 
 
 def worker(system: str, model: str, prompt_len: int, new_tokens: int, threads: int) -> dict:
     ids = prompt_ids(prompt_len)
-    run = {"llama.cpp Q4_0": _run_llama_cpp, "ORT GenAI INT4": _run_ort_genai}.get(system, _run_edge_sdk)
-    t_first, t_end = run(model, ids, new_tokens, threads)
+    if system.startswith("edge_sdk"):  # "edge_sdk[, <head> head][, <dtype> KV cache]"
+        kv = system.removesuffix(" KV cache").rsplit(", ", 1)[-1] if system.endswith(" KV cache") else "float16"
+        t_first, t_end = _run_edge_sdk(model, ids, new_tokens, threads, kv)
+    else:
+        run = {"llama.cpp Q4_0": _run_llama_cpp, "ORT GenAI INT4": _run_ort_genai}[system]
+        t_first, t_end = run(model, ids, new_tokens, threads)
     return {"ttft_ms": t_first * 1000, "prefill_tok_s": prompt_len / t_first,
             "decode_tok_s": (new_tokens - 1) / (t_end - t_first),
             "peak_rss_gb": _peak_rss_kb() / 1e6}
@@ -161,10 +167,10 @@ def _peak_rss_kb() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
-def _run_edge_sdk(model: str, ids: list[int], n: int, threads: int) -> tuple[float, float]:
+def _run_edge_sdk(model: str, ids: list[int], n: int, threads: int, kv_cache: str) -> tuple[float, float]:
     import edge_sdk
 
-    m = edge_sdk.load(model, threads=threads)
+    m = edge_sdk.load(model, threads=threads, kv_cache=kv_cache)
     m.generate(ids[:8], max_tokens=2)  # warm-up
     t0 = time.perf_counter()
     r = m.generate(ids, max_tokens=n, stop_token_ids=())
@@ -244,6 +250,8 @@ def main() -> int:
                    help="the interpreter with llama-cpp-python and onnxruntime-genai")
     p.add_argument("--edge-heads", nargs="*", default=["int4"], choices=["int4", "int8", "float"],
                    help="also run edge_sdk builds with the LM head forced to these (the main row is --head auto)")
+    p.add_argument("--edge-kv-caches", nargs="*", default=["int8"], choices=["int8", "float32"],
+                   help="also run the last edge_sdk build with its KV cache in these (the others: float16)")
     p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -259,6 +267,9 @@ def main() -> int:
     models = {"edge_sdk": (a.python, pkg)}
     for head in a.edge_heads:  # variants: the same build with the head forced
         models[f"edge_sdk, {head} head"] = (a.python, build_edge_sdk(a.work, ckpt, edge, max_ctx, head)[0])
+    last = list(models)[-1]
+    for kv in a.edge_kv_caches:
+        models[f"{last}, {kv} KV cache"] = models[last]
     gguf = build_gguf(a.work, ckpt, a.peers_python)
     if gguf is not None:
         models["llama.cpp Q4_0"] = (a.peers_python, gguf)

@@ -5,11 +5,13 @@
  * Why a kernel of our own: ONNX Runtime's matrix products pack the cache (their B matrix) before
  * reading it, and its GroupQueryAttention reads the cache once per query head; both reach a
  * fraction of the memory bandwidth at long contexts. Here each key and value row is read once
- * per step for the G = heads / kv_heads query heads of its group, from a float32 or float16
- * cache (float16 halves the bytes a step reads).
+ * per step for the G = heads / kv_heads query heads of its group, from a float32, float16 or
+ * int8 cache (float16 halves the bytes a step reads, int8 halves them again: each row stored
+ * with its scale, applied to the key's score and the value's weight rather than to each value).
  *
  * Layouts (one sequence): q [S, heads * D], k, v [S, kv_heads * D] float32, before RoPE;
- * key_cache, value_cache [kv_heads, capacity, D]; out [S, heads * D]. RoPE (rotate-half, as
+ * key_cache, value_cache [kv_heads, capacity, D]; for int8, key_scale, value_scale float32
+ * [kv_heads, capacity]; out [S, heads * D]. RoPE (rotate-half, as
  * ONNX Runtime's RotaryEmbedding with interleaved=0) reads cos/sin tables [rows, D / 2] at each
  * token's position; q's tables carry the query scale. Position s of the step sees cache positions
  * 0 .. length + s.
@@ -234,7 +236,7 @@ static unit_fn pick_unit(int head_dim) {
 #define EDGE_ATTENTION_SOURCE "unstamped"
 #endif
 
-/* The stamp of the sources this library was built from (runtime/kernel_source.py). */
+/* The stamp of the sources this library was built from (runtime/kernel_build.py). */
 const char *edge_attention_source(void) { return EDGE_ATTENTION_SOURCE; }
 
 /* Returns 0; -1 for shapes or positions this kernel does not take (the caller checks them
