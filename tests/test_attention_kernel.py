@@ -160,6 +160,28 @@ def test_an_int8_cache_stays_close_to_the_float_definition():
     assert 1e-4 < err < 2e-2, err
 
 
+def test_a_bound_call_keeps_its_arrays():
+    """A bound call holds pointers into its arrays: it keeps them alive, so a call made after the
+    caller dropped its own references (and that memory could be handed out again) still reads
+    and writes them."""
+    import gc
+
+    rng = np.random.default_rng(7)
+    heads, kv_heads, dim, length = 32, 8, 128, 37
+    tables = _tables(dim, rng)
+    kernel = attention.AttentionKernel(attention.load(), heads, kv_heads, dim, tables, 1)
+    cache = _cache(kv_heads, length + 1, dim, np.float32, rng, length)
+    q, k, v = (rng.standard_normal((1, n * dim)).astype(np.float32) for n in (heads, kv_heads, kv_heads))
+    run = kernel.bind(q.copy(), k.copy(), v.copy(), np.array([length]), cache, np.empty_like(q))
+    gc.collect()
+    litter = [np.full(q.shape, 1e30, np.float32) for _ in range(8)]  # would reuse freed memory
+    run(length)
+    out = run.arrays[3]
+    qr, _ = _reference(q, k, v, np.array([length]), tables, cache.keys, length)
+    np.testing.assert_allclose(out, _attend(qr, cache, length), atol=1e-5, rtol=0)
+    assert all((x == 1e30).all() for x in litter)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernel_on_threads_matches_one_thread(dtype):
     """Long enough (1,100 cached rows x 8 KV heads) that the work is split across threads."""

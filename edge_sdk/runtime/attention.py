@@ -110,6 +110,7 @@ class AttentionKernel:
                 raise RuntimeError(f"attention kernel refused a step ({seq} tokens at {length} cached of "
                                    f"{cache.capacity}, positions {positions.min()}..{positions.max()} of "
                                    f"{self.rope.rows})")
+        run.arrays = (q, k, v, out, positions, cache)  # what its pointers point into, alive as long as it is
         return run
 
 
