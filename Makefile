@@ -24,7 +24,7 @@ system-deps:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
-# setup.py compiles the CPU attention kernel (edge_sdk/runtime/csrc/) into the package at install.
+# setup.py compiles the CPU kernels (edge_sdk/runtime/csrc/) into the package at install.
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard edge_sdk/runtime/csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

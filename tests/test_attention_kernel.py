@@ -15,7 +15,7 @@ import multiprocessing
 import numpy as np
 import pytest
 
-from edge_sdk.runtime import attention
+from edge_sdk.runtime import attention, kernels
 
 ROPE_ROWS = 2048
 
@@ -83,7 +83,7 @@ def _attend(qr, cache: attention.LayerCache, length):
 def _step(heads, kv_heads, dim, length, seq, dtype, threads, seed=0):
     rng = np.random.default_rng(seed)
     tables = _tables(dim, rng)
-    kernel = attention.AttentionKernel(attention.load(), heads, kv_heads, dim, tables, threads)
+    kernel = attention.AttentionKernel(kernels.load(), heads, kv_heads, dim, tables, threads)
     cache = _cache(kv_heads, length + seq + 3, dim, dtype, rng, length)
     q = rng.standard_normal((seq, heads * dim)).astype(np.float32)
     k = rng.standard_normal((seq, kv_heads * dim)).astype(np.float32)
@@ -147,7 +147,7 @@ def test_an_int8_cache_stays_close_to_the_float_definition():
     rng = np.random.default_rng(5)
     heads, kv_heads, dim, length = 32, 8, 128, 300
     tables = _tables(dim, rng)
-    kernel = attention.AttentionKernel(attention.load(), heads, kv_heads, dim, tables, 2)
+    kernel = attention.AttentionKernel(kernels.load(), heads, kv_heads, dim, tables, 2)
     exact = _cache(kv_heads, length + 1, dim, np.float32, rng, length, fill=0)
     q, k, v = (rng.standard_normal((1, n * dim)).astype(np.float32) for n in (heads, kv_heads, kv_heads))
     positions = np.array([length])
@@ -169,7 +169,7 @@ def test_a_bound_call_keeps_its_arrays():
     rng = np.random.default_rng(7)
     heads, kv_heads, dim, length = 32, 8, 128, 37
     tables = _tables(dim, rng)
-    kernel = attention.AttentionKernel(attention.load(), heads, kv_heads, dim, tables, 1)
+    kernel = attention.AttentionKernel(kernels.load(), heads, kv_heads, dim, tables, 1)
     cache = _cache(kv_heads, length + 1, dim, np.float32, rng, length)
     q, k, v = (rng.standard_normal((1, n * dim)).astype(np.float32) for n in (heads, kv_heads, kv_heads))
     run = kernel.bind(q.copy(), k.copy(), v.copy(), np.array([length]), cache, np.empty_like(q))
@@ -197,7 +197,7 @@ def _peaked_step(dtype, threads, length=1100, heads=8, dim=32):
     weights that count are exactly 1."""
     rng = np.random.default_rng(3)
     tables = _tables(dim, rng)
-    kernel = attention.AttentionKernel(attention.load(), heads, heads, dim, tables, threads)
+    kernel = attention.AttentionKernel(kernels.load(), heads, heads, dim, tables, threads)
     q = rng.standard_normal((1, heads * dim)).astype(np.float32)
     k, v = (rng.standard_normal((1, heads * dim)).astype(np.float32) for _ in range(2))
     positions = np.array([length])
@@ -274,7 +274,7 @@ def test_kernel_threads_work_in_a_forked_child():
 
 def test_kernel_refuses_what_it_does_not_take():
     rng = np.random.default_rng(0)
-    kernel = attention.AttentionKernel(attention.load(), 4, 2, 16, _tables(16, rng), 1)
+    kernel = attention.AttentionKernel(kernels.load(), 4, 2, 16, _tables(16, rng), 1)
     cache = attention.LayerCache(np.zeros((2, 8, 16), np.float32), np.zeros((2, 8, 16), np.float32))
     q, kv = np.zeros((1, 64), np.float32), np.zeros((1, 32), np.float32)
     with pytest.raises(RuntimeError, match="refused a step"):
@@ -296,10 +296,10 @@ def test_kernel_refuses_what_it_does_not_take():
 def test_a_library_built_from_other_sources_is_refused(monkeypatch):
     """A failed rebuild leaves the old library in place; its stamp no longer matches the sources
     beside it, and the backend gets a reason, not stale code."""
-    assert attention.built_stamp(attention.load()) == attention.source_stamp()
-    monkeypatch.setattr(attention, "source_stamp", lambda: "0123456789abcdef")
-    with pytest.raises(attention.KernelUnavailable, match="stale build"):
-        attention.load()
+    assert kernels.built_stamp(kernels.load()) == kernels.source_stamp()
+    monkeypatch.setattr(kernels, "source_stamp", lambda: "0123456789abcdef")
+    with pytest.raises(kernels.KernelUnavailable, match="stale build"):
+        kernels.load()
 
 
 def test_the_kernel_builds_with_this_hosts_compiler(tmp_path, monkeypatch, capsys):
@@ -314,7 +314,7 @@ def test_the_kernel_builds_with_this_hosts_compiler(tmp_path, monkeypatch, capsy
     assert kernel_build.main() == 0 and capsys.readouterr().out == f"built {built}\n"
     assert kernel_build.built_stamp(ctypes.CDLL(str(built))) == kernel_build.source_stamp()
     assert kernel_build.main() == 0 and capsys.readouterr().out.startswith(f"kept {built}")
-    monkeypatch.setattr(attention, "library_path", lambda: built)
+    monkeypatch.setattr(kernels, "library_path", lambda: built)
     r = _step(32, 8, 128, 37, 5, np.float16, threads=2)
     np.testing.assert_allclose(r["out"], r["want"], atol=1e-5, rtol=0)
 
@@ -324,5 +324,5 @@ def test_the_kernel_builds_with_this_hosts_compiler(tmp_path, monkeypatch, capsy
     assert capsys.readouterr().out.startswith("not built (no C compiler (")
     assert not (tmp_path / "unbuilt.so").exists()
     monkeypatch.setenv("CC", "cc -include no-such-header.h")  # a compile error: named, with its first error line
-    with pytest.raises(RuntimeError, match="cc -include no-such-header.h failed on attention.c: .*no-such-header.h"):
+    with pytest.raises(RuntimeError, match="cc -include no-such-header.h failed on attention.c, library.c, linear.c, pool.c: .*no-such-header.h"):
         kernel_build.build(tmp_path / "broken.so")

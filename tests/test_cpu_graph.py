@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import edge_sdk
-from edge_sdk.runtime import attention, segments
+from edge_sdk.runtime import kernels, linear, segments
 from edge_sdk.runtime import onnxruntime as ort_backend
 from edge_sdk.runtime.types import ContextOverflowError
 
@@ -20,9 +20,9 @@ N_NEW = 60  # positions 12 .. 72: past the 16/32/48/64 query-scale steps of the 
 
 def _without_kernel(monkeypatch):
     def unavailable():
-        raise attention.KernelUnavailable("none installed (test)")
+        raise kernels.KernelUnavailable("none installed (test)")
 
-    monkeypatch.setattr(attention, "load", unavailable)
+    monkeypatch.setattr(kernels, "load", unavailable)
 
 
 @pytest.mark.parametrize("attention_by", ["kernel", "graph"])
@@ -178,6 +178,44 @@ def test_cut_graph_runs_each_weight_once_and_no_graph_attention(tiny_checkpoints
                 assert all(c.output[0] in made for c in piece.graph.node if node.output[0] in c.input)
         crossing = [i.name for i in piece.graph.input]
         assert not [name for name in crossing if name.startswith("dequantizelinear")]
+
+
+@pytest.mark.parametrize("head", ["int4", "int8"])
+def test_the_linear_kernel_runs_the_quantized_head(tiny_checkpoints, build_package, monkeypatch, caplog, head):
+    """At accuracy level 4 the head's MatMulNBits leaves the last piece and the linear kernel makes
+    the logits from its input: held, over a prefill and 20 teacher-forced steps, to the same cut
+    graph with ONNX Runtime's head (the same int8 products: apart by float32 summation order)."""
+    import logging
+
+    import onnx
+
+    pkg = build_package(tiny_checkpoints["mm_tied"], "int4", block_size=32, head=head)
+    with caplog.at_level(logging.INFO, logger="edge_sdk"):
+        by_kernel = edge_sdk.load(pkg, kv_cache="float32")
+    decoder = by_kernel.backend.segmented
+    assert decoder.head is not None and f"LM head: the linear kernel (INT{head[-1]}, blocks of 32" in caplog.text
+    assert decoder.head.kernel.rows == by_kernel.manifest.model.text.vocab_size
+    assert not [n for seg in decoder.segments for n in seg.session.get_outputs() if n.name == "logits"]
+    graph = onnx.load(str(pkg / "decoder.cpu.onnx"), load_external_data=False)
+    last = segments.cut(graph, segments.attention_cuts(graph), decoder.head.input)[-1]
+    assert "MatMulNBits" not in {n.op_type for n in last.graph.node}
+    assert not [t for t in last.graph.initializer if t.name.startswith("lm_head")]  # its weights: read once, by the kernel
+    monkeypatch.setattr(linear, "available", lambda library: False)
+    by_graph = edge_sdk.load(pkg, kv_cache="float32")
+    assert by_graph.backend.segmented.head is None
+    tokens = [1, 3, 1091, 1500, 2041, 1201, 3333] + [1000 + 37 * i for i in range(20)]
+    runs = []
+    for backend in (by_kernel.backend, by_graph.backend):
+        cache = backend.new_cache()
+        logits, cache = backend.forward(backend.embed(np.array(tokens[:7])), np.arange(7), cache)
+        steps = [logits]
+        for pos in range(7, len(tokens)):
+            logits, cache = backend.forward(backend.embed(np.array([tokens[pos]])), np.array([pos]), cache)
+            steps.append(logits)
+        runs.append(np.stack(steps))
+    got, want = runs
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+    assert (got.argmax(-1) == want.argmax(-1)).all()
 
 
 def test_a_cpu_graph_without_attention_cuts_runs_whole(tiny_checkpoints, build_package, tmp_path, caplog):

@@ -81,10 +81,10 @@ def test_preflight_refuses_a_full_disk(tmp_path, orin_package, wheels):
 def test_flash_serves_and_a_second_flash_changes_nothing(device, orin_package, wheels):
     first = flash(_options(device, orin_package, wheels), progress=False)
     assert first.changed and first.files_sent > 100 and first.venv == "built"
-    # the release is source: its attention kernel was compiled on the device, and loads there
-    assert first.kernel.startswith(f"built {ROOT}/releases/{first.release}/src/edge_sdk/runtime/_attention")
-    assert _sh(device, f"{ROOT}/current/venv/bin/python -c 'import os; from edge_sdk.runtime import attention; "
-                       f"print(os.path.realpath(attention.load()._name))'") == first.kernel.split()[1]
+    # the release is source: its CPU kernels were compiled on the device, and load there
+    assert first.kernel.startswith(f"built {ROOT}/releases/{first.release}/src/edge_sdk/runtime/_kernels")
+    assert _sh(device, f"{ROOT}/current/venv/bin/python -c 'import os; from edge_sdk.runtime import kernels; "
+                       f"print(os.path.realpath(kernels.load()._name))'") == first.kernel.split()[1]
     assert _ask(device)["tokens"] >= 1  # the daemon answers through its broker
     # credentials were made on the device, readable by root alone; none came from the repository
     assert _sh(device, "stat -c %a /etc/edge-sdk/serve.env /etc/edge-sdk/check.env /etc/mosquitto/edge-sdk.passwd") \

@@ -26,7 +26,7 @@ def _add_target(p: argparse.ArgumentParser) -> None:
 def add_flash_commands(sub) -> None:
     p = sub.add_parser("flash", help="install the SDK, a model and the daemon on a device (make flash)",
                        description="Preflight the device, send the code, the engine package and wheels (only what "
-                                   "changed), compile the CPU attention kernel there, verify the package's hashes, "
+                                   "changed), compile the CPU kernels there, verify the package's hashes, "
                                    "build TensorRT engines where a GPU answers, configure mosquitto and the service, "
                                    "switch the release and check that the daemon answers; otherwise roll back to the "
                                    "previous release.")

@@ -6,7 +6,7 @@
 #   device.sh prepare ROOT ID
 #   device.sh package ROOT KEY          (complete | missing)
 #   device.sh venv ROOT ID KEY          (wheels already in ROOT/wheels/KEY)
-#   device.sh kernel ROOT ID            (the CPU attention kernel, compiled here)
+#   device.sh kernel ROOT ID            (the CPU kernels, compiled here)
 #   device.sh verify ROOT ID KEY        (the package's hashes, with the release's code)
 #   device.sh engines ROOT ID           (edge-sdk compile where a GPU answers)
 #   device.sh configure ROOT ID DEVICE_ID PORT
@@ -107,7 +107,7 @@ package() {
 # the release's own code, whatever `current` points at
 release_python() { local root=$1 id=$2; shift 2; PYTHONPATH="$root/releases/$id/src" "$root/releases/$id/venv/bin/python" "$@"; }
 
-# The release is source, not an installed wheel: its C attention kernel is compiled here, by this
+# The release is source, not an installed wheel: its C kernels are compiled here, by this
 # device's compiler, into the release's own tree. Without a compiler the CPU graph runs whole.
 kernel() {
     local root=$1 id=$2

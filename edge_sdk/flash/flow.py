@@ -5,7 +5,7 @@ Layout on the device (ROOT, default /opt/edge-sdk):
     packages/<key>/        an engine package, verified against its hashes once, then only read
                            (and given its TensorRT engines by `edge-sdk compile` on the device)
     venvs/<key>/           a Python environment per dependency set, from wheels sent along
-    releases/<id>/         src/ (the code, with the CPU attention kernel compiled into it there),
+    releases/<id>/         src/ (the code, with the CPU kernels compiled into it there),
                            package -> ../../packages/<key>, venv -> ../../venvs/<key>,
                            edge-sdk.service (the rendered unit)
     current, previous      symlinks to releases: switching is one rename

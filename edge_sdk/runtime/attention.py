@@ -1,10 +1,6 @@
-"""The CPU attention kernel (csrc/attention.c, compiled at install by setup.py) as one call per
-layer and step: RoPE, the step's keys and values into the KV cache in place, and grouped
+"""The CPU attention kernel (csrc/attention.c, in the library runtime/kernels.py loads) as one
+call per layer and step: RoPE, the step's keys and values into the KV cache in place, and grouped
 attention over the cache, reading each cached row once per step.
-
-Loaded with ctypes: the kernel is plain C over raw buffers, with no Python or ONNX Runtime API in
-it. `load()` raises KernelUnavailable, naming the reason, where no compiled kernel is installed;
-the backend then runs the whole CPU graph instead.
 """
 
 from __future__ import annotations
@@ -14,14 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernel_build import CSRC, built_stamp, library_path, source_stamp
-
 _POINTER = ctypes.c_void_p
 _INT = ctypes.c_int
-
-
-class KernelUnavailable(RuntimeError):
-    """No compiled kernel can be loaded here; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -117,20 +107,3 @@ class AttentionKernel:
 def supports(heads: int, kv_heads: int, head_dim: int) -> bool:
     """The shapes the kernel takes: whole groups of at most 16 query heads, head_dim a multiple of 16."""
     return kv_heads > 0 and heads % kv_heads == 0 and heads // kv_heads <= 16 and head_dim % 16 == 0
-
-
-def load() -> ctypes.CDLL:
-    """The compiled kernel beside this module."""
-    path = library_path()
-    if not path.is_file():
-        raise KernelUnavailable(f"no compiled attention kernel at {path} (build it where a C compiler is "
-                                "present: python -m edge_sdk.runtime.kernel_build)")
-    try:
-        library = ctypes.CDLL(str(path))
-    except OSError as exc:
-        raise KernelUnavailable(f"{path}: {exc}") from None
-    built, now = built_stamp(library), source_stamp() if CSRC.is_dir() else None
-    if now is not None and built != now:
-        raise KernelUnavailable(f"{path}: built from other sources than {CSRC} (a stale build: stamp {built}, "
-                                f"sources {now}); rebuild it: python -m edge_sdk.runtime.kernel_build")
-    return library

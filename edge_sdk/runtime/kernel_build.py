@@ -1,10 +1,11 @@
-"""How the attention kernel (csrc/) is built: the stamp of its sources, its compiler flags, and a
-build with this host's C compiler.
+"""How the CPU kernels (csrc/: attention, the quantized head's product, their thread pool) are
+built into one library: the stamp of their sources, the compiler flags, and a build with this
+host's C compiler.
 
-setup.py compiles it at install with these flags and stamp; runtime/attention.py checks the stamp
-at load, so a library left from older sources (a failed rebuild keeps the old file) is refused
+setup.py compiles it at install with these flags and stamp; runtime/kernels.py checks the stamp at
+load, so a library left from older sources (a failed rebuild keeps the old file) is refused
 rather than run. A device that `make flash` installs gets no pip install of edge_sdk (the release
-is its source tree), so the flash builds the kernel there with `python -m
+is its source tree), so the flash builds the library there with `python -m
 edge_sdk.runtime.kernel_build`. Standard library only: setup.py loads this file before any
 dependency is installed.
 """
@@ -23,7 +24,8 @@ import tempfile
 from pathlib import Path
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCE = CSRC / "attention.c"
+SOURCES = sorted(CSRC.glob("*.c"))
+HEADERS = sorted(CSRC.glob("*.h"))
 # x86-64 gets the AVX2/FMA/F16C baseline, not -march=native, so a build runs on any such machine;
 # the AVX-512 build of the kernel's inner loop is picked at run time where the CPU has it.
 ARCH_FLAGS = {"x86_64": ["-mavx2", "-mfma", "-mf16c"], "aarch64": ["-march=armv8.2-a+fp16"]}
@@ -45,19 +47,19 @@ def compile_flags(machine: str | None = None) -> list[str]:
 
 
 def library_path() -> Path:
-    """Where runtime/attention.py looks for the library: beside it, named as an extension module."""
-    return Path(__file__).with_name(f"_attention{importlib.machinery.EXTENSION_SUFFIXES[0]}")
+    """Where runtime/kernels.py looks for the library: beside it, named as an extension module."""
+    return Path(__file__).with_name(f"_kernels{importlib.machinery.EXTENSION_SUFFIXES[0]}")
 
 
 def build(out: Path | None = None, compiler: str | None = None) -> Path:
-    """Compiles the kernel into ``out`` (default: library_path()), replacing any library there only
+    """Compiles the library into ``out`` (default: library_path()), replacing any library there only
     once the new one is complete. Raises RuntimeError naming the compiler and its first error."""
     out = out or library_path()
     compiler = compiler or os.environ.get("CC", "cc")
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         made = Path(tmp) / out.name
         cmd = [*shlex.split(compiler), *compile_flags(), "-shared", "-fPIC",
-               f'-DEDGE_ATTENTION_SOURCE="{source_stamp()}"', str(SOURCE), "-o", str(made),
+               f'-DEDGE_KERNELS_SOURCE="{source_stamp()}"', *map(str, SOURCES), "-o", str(made),
                *(f"-l{lib}" for lib in LIBRARIES)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -65,7 +67,7 @@ def build(out: Path | None = None, compiler: str | None = None) -> Path:
             raise RuntimeError(f"no C compiler ({compiler}: {exc.strerror})") from None
         if proc.returncode:
             first = next((line for line in proc.stderr.splitlines() if "error" in line), proc.stderr.strip()[:300])
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {first}")
+            raise RuntimeError(f"{compiler} failed on {', '.join(p.name for p in SOURCES)}: {first}")
         os.replace(made, out)
     return out
 
@@ -74,7 +76,7 @@ def built_stamp(library: ctypes.CDLL) -> str:
     """The stamp a loaded library carries: the sources it was compiled from ("unstamped" for one
     built before stamps, as for a build without the define)."""
     try:
-        stamp = library.edge_attention_source
+        stamp = library.edge_kernels_source
     except AttributeError:
         return "unstamped"
     stamp.restype = ctypes.c_char_p

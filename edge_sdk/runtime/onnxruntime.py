@@ -8,7 +8,8 @@ Three ways to run the decoder, one interface:
 - `decoder.cpu.onnx` cut at its attentions (runtime/segments.py), where the attention kernel is
   installed: a session per stretch between attentions, the kernel between them writing into KV
   buffers this backend makes for the whole context (`KernelCache`: float16 by default, int8 or
-  float32 on request) and reading only the filled rows;
+  float32 on request) and reading only the filled rows; at accuracy level 4 the linear kernel
+  (runtime/linear.py) runs a quantized head after the last piece, where the CPU has AVX-512 VNNI;
 - `decoder.cpu.onnx` whole (CPU-profile packages; export/cpu_graph.py), where it is not:
   attention that reads the KV buffers (bound without a copy) and returns the step's new keys and
   values, which this backend writes into the buffers. They grow in 256-token steps (one copy
@@ -31,7 +32,7 @@ import numpy as np
 from .attention import LayerCache
 from .embedding import EmbeddingTable
 from .io_binding import bind_arrays
-from .segments import DecodeBindings, SegmentedDecoder
+from .segments import DecodeBindings, Head, SegmentedDecoder
 from .types import ContextOverflowError
 
 log = logging.getLogger(__name__)
@@ -198,9 +199,10 @@ class OnnxRuntimeBackend:
         return options
 
     def _segmented(self, path: Path, graph, heads: int) -> SegmentedDecoder | None:
-        """The CPU graph cut at its attentions, with the attention kernel between the pieces; None
-        (and the reason, logged) where this host or package cannot: the whole graph runs then."""
-        from . import attention, segments
+        """The CPU graph cut at its attentions, with the attention kernel between the pieces (and
+        the linear kernel as its head, where it can be); None (and the reason, logged) where this
+        host or package cannot: the whole graph runs then."""
+        from . import attention, kernels, segments
 
         cuts = segments.attention_cuts(graph)
         if cuts is None:
@@ -212,18 +214,38 @@ class OnnxRuntimeBackend:
                         "graph attention", path, np.dtype(self.dtype).name, heads, self.kv_heads, self.head_dim)
             return None
         try:
-            library = attention.load()
-        except attention.KernelUnavailable as exc:
+            library = kernels.load()
+        except kernels.KernelUnavailable as exc:
             log.warning("attention kernel unavailable (%s); running the CPU graph's own attention, slower at long "
                         "contexts", exc)
             return None
         kernel = attention.AttentionKernel(library, heads, self.kv_heads, self.head_dim,
                                            segments.rope_tables(graph, cuts, path), self.threads)
+        head = self._head(library, path, graph)
         # No arena per piece: each would keep its own high-water mark of activations (measured: +0.12 GB
         # after a 128-token prefill over 7 pieces); the allocator's free lists serve them all instead.
         options = self._options(arena=False)
         return SegmentedDecoder.open(graph, cuts, kernel,
-                                     lambda piece: _session(path, options, self.accuracy_level, piece))
+                                     lambda piece: _session(path, options, self.accuracy_level, piece), head)
+
+    def _head(self, library, path: Path, graph) -> Head | None:
+        """The linear kernel over the graph's quantized head, where it computes what the graph's
+        MatMulNBits would (accuracy level 4: int8 products) and this CPU runs it; else None, and the
+        last piece keeps the head."""
+        from . import linear
+
+        node = linear.head_node(graph)
+        if node is None or self.accuracy_level != 4:
+            return None
+        attrs = {a.name: a.i for a in node.attribute}
+        if not linear.available(library) or not linear.supports(attrs["bits"], attrs["block_size"], attrs["K"]):
+            log.info("LM head: ONNX Runtime's MatMulNBits (the linear kernel needs AVX-512 VNNI and INT4 / INT8 "
+                     "blocks of a multiple of 32)")
+            return None
+        weight = linear.matmul_nbits_weight(graph, node, path.parent)
+        log.info("LM head: the linear kernel (INT%d, blocks of %d, %d x %d)", weight.bits, weight.block,
+                 weight.rows, weight.cols)
+        return Head(node.input[0], linear.LinearKernel(library, weight, self.threads))
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.embeddings.lookup(ids)

@@ -11,7 +11,9 @@ no kernel is installed, and which the tests hold this path to.
 
 Segment j runs from layer j - 1's attention output (the embeddings for j = 0) to layer j's q, k
 and v (the logits for the last); the tensors it needs from earlier segments (the residual
-stream, position_ids) are its inputs too.
+stream, position_ids) are its inputs too. Where the linear kernel runs the quantized head
+(runtime/linear.py), the last segment ends at the head's input instead and the kernel makes the
+logits from it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 
 from .attention import AttentionKernel, LayerCache, RopeTables
 from .io_binding import bind_arrays
+from .linear import LinearKernel
 
 ATTENTION_CUTS_KEY = "edge_sdk.attention_cuts"
 
@@ -33,6 +36,15 @@ class Segment:
     session: object
     inputs: list[str]
     outputs: list[str]
+
+
+@dataclass(frozen=True)
+class Head:
+    """The LM head run by the linear kernel: ``input`` is the tensor it reads (the final norm's
+    output for the last token, [1, hidden]), where the cut graph then ends."""
+
+    input: str
+    kernel: LinearKernel
 
 
 def attention_cuts(model) -> dict | None:
@@ -52,12 +64,15 @@ def rope_tables(model, cuts: dict, cpu_graph: Path) -> RopeTables:
     return RopeTables(*arrays)
 
 
-def cut(model, cuts: dict) -> list:
-    """The segment graphs (ModelProtos, weights still external), in order: len(layers) + 1."""
+def cut(model, cuts: dict, head_input: str | None = None) -> list:
+    """The segment graphs (ModelProtos, weights still external), in order: len(layers) + 1; the
+    last ends at ``head_input`` where given (the head's nodes and weights drop out), else at the
+    logits."""
     layers, g = cuts["layers"], model.graph
+    last = head_input or "logits"
     attention_outs = {layer["out"] for layer in layers}
     news = {o.name for o in g.output if o.name.startswith(("new_key", "new_value"))}
-    nodes = _live_nodes(g, ["logits", *(layer[k] for layer in layers for k in ("q", "k", "v"))],
+    nodes = _live_nodes(g, [last, *(layer[k] for layer in layers for k in ("q", "k", "v"))],
                         attention_outs | news)
     constant = _weight_only(g, nodes)
     node_segment = _segment_of_nodes(nodes, layers, constant)
@@ -69,7 +84,7 @@ def cut(model, cuts: dict) -> list:
     types = _element_types(model)
     pieces = []
     for seg in range(len(layers) + 1):
-        ends = [layers[seg][k] for k in ("q", "k", "v")] if seg < len(layers) else ["logits"]
+        ends = [layers[seg][k] for k in ("q", "k", "v")] if seg < len(layers) else [last]
         pieces.append(_piece(model, nodes, seg, node_segment, constant, last_reader, ends, types))
     return pieces
 
@@ -175,25 +190,28 @@ class DecodeBindings:
     arrays: dict[str, np.ndarray]
     values: list  # the OrtValues over those arrays, kept alive with them (per piece)
     attention: list  # per layer: the kernel bound to this step's arrays and the layer's cache, f(length)
+    head: object | None  # the linear kernel bound to the head's input and the logits, f(); None: a piece makes them
 
 
 class SegmentedDecoder:
-    """One step of the decoder: the segments' sessions with the attention kernel between them."""
+    """One step of the decoder: the segments' sessions with the attention kernel between them, and
+    the linear kernel after them where it runs the head."""
 
-    def __init__(self, segments: list[Segment], cuts: dict, kernel: AttentionKernel):
-        self.segments, self.layers, self.kernel = segments, cuts["layers"], kernel
+    def __init__(self, segments: list[Segment], cuts: dict, kernel: AttentionKernel, head: Head | None = None):
+        self.segments, self.layers, self.kernel, self.head = segments, cuts["layers"], kernel, head
 
     @classmethod
-    def open(cls, graph, cuts: dict, kernel: AttentionKernel, make_session) -> SegmentedDecoder:
+    def open(cls, graph, cuts: dict, kernel: AttentionKernel, make_session, head: Head | None = None) -> SegmentedDecoder:
         """Cut ``graph`` and open a session per piece (``make_session(model)``). The last piece
-        (the head) first: prepacking its weights briefly holds them twice, and that peak then
-        sits on the smallest baseline (measured: 1.22 GB peak the other way, 1.11 this way)."""
-        pieces = cut(graph, cuts)
+        first: where it holds the head, prepacking the head's weights briefly holds them twice, and
+        that peak then sits on the smallest baseline (measured: 1.22 GB peak the other way, 1.11
+        this way)."""
+        pieces = cut(graph, cuts, head.input if head else None)
         sessions = {len(pieces) - 1: make_session(pieces[-1])}
         sessions.update({i: make_session(piece) for i, piece in enumerate(pieces[:-1])})
         segments = [Segment(sessions[i], [v.name for v in piece.graph.input], [v.name for v in piece.graph.output])
                     for i, piece in enumerate(pieces)]
-        return cls(segments, cuts, kernel)
+        return cls(segments, cuts, kernel, head)
 
     def step(self, embeds: np.ndarray, position_ids: np.ndarray, caches: list[LayerCache], length: int,
              bindings: DecodeBindings | None) -> tuple[np.ndarray, DecodeBindings | None]:
@@ -210,6 +228,10 @@ class SegmentedDecoder:
             outs = segment.session.run(segment.outputs, {name: values[name] for name in segment.inputs})
             values.update(zip(segment.outputs, outs))
             if i == len(self.layers):
+                if self.head:
+                    values["logits"] = np.empty((1, self.head.kernel.rows), np.float32)
+                    self.head.kernel(np.ascontiguousarray(values[self.head.input], dtype=np.float32).reshape(-1),
+                                     values["logits"][0])
                 break
             layer = self.layers[i]
             q, k, v = (np.ascontiguousarray(values[layer[n]][0], dtype=np.float32) for n in ("q", "k", "v"))
@@ -224,6 +246,8 @@ class SegmentedDecoder:
         for i, (segment, binding) in enumerate(zip(self.segments, io.bindings)):
             segment.session.run_with_iobinding(binding)
             if i == len(self.layers):
+                if io.head:
+                    io.head()
                 return io.arrays["logits"][0].copy()
             io.attention[i](length)
         raise AssertionError("unreachable: the last piece makes the logits")
@@ -236,4 +260,6 @@ class SegmentedDecoder:
                              {n: arrays[n] for n in segment.outputs}) for segment in self.segments]
         attention = [self.kernel.bind(*(arrays[layer[n]][0] for n in ("q", "k", "v")), arrays["position_ids"][0],
                                       cache, arrays[layer["out"]][0]) for layer, cache in zip(self.layers, caches)]
-        return DecodeBindings([binding for binding, _ in bound], arrays, [values for _, values in bound], attention)
+        head = self.head and self.head.kernel.bind(arrays[self.head.input].reshape(-1), arrays["logits"].reshape(-1))
+        return DecodeBindings([binding for binding, _ in bound], arrays, [values for _, values in bound], attention,
+                              head)

@@ -16,21 +16,20 @@
  * token's position; q's tables carry the query scale. Position s of the step sees cache positions
  * 0 .. length + s.
  *
- * Work is split into (KV head, position) units over a small pool of threads that sleep between
- * calls (ONNX Runtime's own threads run the rest of the step; spinning ones would steal their
- * cores). The unit is built for AVX2 and, where the CPU has it, AVX-512 (attention_unit.h).
+ * Work is split into (KV head, position) units over the library's thread pool (pool.h). The unit
+ * is built for AVX2 and, where the CPU has it, AVX-512 (attention_unit.h).
  */
 #include <math.h>
-#include <pthread.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "pool.h"
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
 #define MAX_GROUPS 16
-#define MAX_THREADS 64
 #define KEY_BLOCK 32         /* value rows per block: 8-16 KB, kept in L1 across the output slices */
 #define PREFETCH_ROWS 16     /* how far ahead of the key being scored its row is fetched */
 /* The least exponent a softmax weight is computed at: e^-87 is about float32's least normal value.
@@ -113,27 +112,11 @@ static void store_rows(const struct step *st, const float *k_rotated, const floa
     }
 }
 
-/* ---- the thread pool: workers sleep on a condition variable between calls ---- */
-
 struct job {
     const struct step *st;
     unit_fn unit;
     int units, next, failed; /* next: the first unit no thread has taken (atomic) */
 };
-
-static struct {
-    pthread_mutex_t lock;
-    pthread_cond_t wake, done;
-    int started;       /* workers alive */
-    int slots;         /* helpers this job still takes */
-    int busy;          /* helpers that took a slot and have not finished */
-    unsigned long generation;
-    struct job *job;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, NULL};
-
-/* One job on the pool at a time: a call that finds it taken (another thread of the process
- * attending at the same moment) does its units itself. */
-static pthread_mutex_t pool_in_use = PTHREAD_MUTEX_INITIALIZER;
 
 /* Subnormal floats flushed to zero while units run, on the thread running them (its previous mode
  * restored after). A softmax over a long context gives many weights below float32's normal range
@@ -153,7 +136,9 @@ static unsigned flush_subnormals(void) { return 0; } /* elsewhere the caller's m
 static void restore_mode(unsigned previous) { (void)previous; }
 #endif
 
-static void run_units(struct job *job) {
+/* A pool task (pool.h): units until none is left. */
+static void run_units(void *context) {
+    struct job *job = context;
     const struct step *st = job->st;
     float *scores = malloc(sizeof(float) * (st->heads / st->kv_heads) * (size_t)(st->length + st->seq));
     if (!scores) {
@@ -167,63 +152,6 @@ static void run_units(struct job *job) {
     free(scores);
 }
 
-static void *worker(void *arg) {
-    (void)arg;
-    unsigned long seen = 0;
-    pthread_mutex_lock(&pool.lock);
-    for (;;) {
-        while (pool.generation == seen) pthread_cond_wait(&pool.wake, &pool.lock);
-        seen = pool.generation;
-        if (pool.slots == 0) continue;
-        pool.slots--;
-        struct job *job = pool.job;
-        pthread_mutex_unlock(&pool.lock);
-        run_units(job);
-        pthread_mutex_lock(&pool.lock);
-        if (--pool.busy == 0) pthread_cond_signal(&pool.done);
-    }
-    return NULL;
-}
-
-/* A forked child has none of the parent's workers. */
-static void forget_workers(void) {
-    pthread_mutex_init(&pool_in_use, NULL);
-    pthread_mutex_init(&pool.lock, NULL);
-    pthread_cond_init(&pool.wake, NULL);
-    pthread_cond_init(&pool.done, NULL);
-    pool.started = pool.busy = 0;
-}
-
-static void watch_forks(void) { pthread_atfork(NULL, NULL, forget_workers); }
-
-static void run_parallel(struct job *job, int threads) {
-    static pthread_once_t once = PTHREAD_ONCE_INIT;
-    pthread_once(&once, watch_forks);
-    if (pthread_mutex_trylock(&pool_in_use)) {
-        run_units(job);
-        return;
-    }
-    pthread_mutex_lock(&pool.lock);
-    while (pool.started < threads - 1) {
-        pthread_t thread;
-        if (pthread_create(&thread, NULL, worker, NULL)) break;
-        pthread_detach(thread);
-        pool.started++;
-    }
-    pool.job = job;
-    pool.slots = pool.busy = threads - 1 < pool.started ? threads - 1 : pool.started;
-    pool.generation++;
-    pthread_cond_broadcast(&pool.wake);
-    pthread_mutex_unlock(&pool.lock);
-    run_units(job);
-    pthread_mutex_lock(&pool.lock);
-    pool.busy -= pool.slots; /* helpers not yet awake when the work ran out: not waited for */
-    pool.slots = 0;
-    while (pool.busy > 0) pthread_cond_wait(&pool.done, &pool.lock);
-    pthread_mutex_unlock(&pool.lock);
-    pthread_mutex_unlock(&pool_in_use);
-}
-
 static unit_fn pick_unit(int head_dim) {
 #if defined(__x86_64__)
     if (head_dim % 32 == 0 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) return attend_unit_vl16;
@@ -231,13 +159,6 @@ static unit_fn pick_unit(int head_dim) {
     (void)head_dim;
     return attend_unit_vl8;
 }
-
-#ifndef EDGE_ATTENTION_SOURCE
-#define EDGE_ATTENTION_SOURCE "unstamped"
-#endif
-
-/* The stamp of the sources this library was built from (runtime/kernel_build.py). */
-const char *edge_attention_source(void) { return EDGE_ATTENTION_SOURCE; }
 
 /* Returns 0; -1 for shapes or positions this kernel does not take (the caller checks them
  * first), -2 when scratch memory cannot be had. */
@@ -267,10 +188,9 @@ int edge_attention(int seq, int heads, int kv_heads, int head_dim, int capacity,
     }
     struct job job = {&st, pick_unit(head_dim), kv_heads * seq, 0, 0};
     const double rows = (double)kv_heads * seq * (length + (seq + 1) / 2.0);
-    int want = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    int want = threads < 1 ? 1 : threads;
     if (rows < (double)ROWS_PER_THREAD * 2) want = 1;
-    if (want == 1) run_units(&job);
-    else run_parallel(&job, want);
+    edge_pool_run(run_units, &job, want);
     free(rotated);
     return job.failed ? -2 : 0;
 }

@@ -1,0 +1,12 @@
+/* The threads the kernels of this library share: a small pool that sleeps between calls (ONNX
+ * Runtime's own threads run the rest of a step; spinning ones would steal their cores). */
+#ifndef EDGE_POOL_H
+#define EDGE_POOL_H
+
+/* Runs task(context) on `threads` threads, the caller's among them, and returns once each has
+ * returned. The task shares out its own work (units taken from an atomic counter), so a helper
+ * that wakes late finds less or none left. While another call holds the pool (another thread of
+ * the process in a kernel at the same moment), the caller runs the task alone. */
+__attribute__((visibility("hidden"))) void edge_pool_run(void (*task)(void *), void *context, int threads);
+
+#endif
