@@ -23,6 +23,7 @@ Three ways to run the decoder, one interface:
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,14 @@ def _session(path: Path, options, accuracy_level: int, model=None):
     for node in nbits:
         next(a for a in node.attribute if a.name == "accuracy_level").i = accuracy_level
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _untouched_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Zeros in pages the OS maps on first write: a KV cache made for the whole context costs
+    memory and time only as it fills. (np.zeros of a size glibc serves from its heap writes every
+    page: measured 13 ms a layer per generation, and the whole cache resident from the start.)"""
+    count = int(np.prod(shape))
+    return np.frombuffer(mmap.mmap(-1, max(count * np.dtype(dtype).itemsize, 1)), dtype, count).reshape(shape)
 
 
 class OnnxRuntimeBackend:
@@ -262,8 +271,9 @@ class OnnxRuntimeBackend:
 
     def _layer_cache(self) -> LayerCache:
         shape = (self.kv_heads, self.context_length, self.head_dim)
-        scales = ([np.zeros(shape[:2], np.float32) for _ in range(2)] if self.cache_dtype == np.int8 else [None, None])
-        return LayerCache(np.zeros(shape, self.cache_dtype), np.zeros(shape, self.cache_dtype), *scales)
+        scales = ([_untouched_zeros(shape[:2], np.float32) for _ in range(2)] if self.cache_dtype == np.int8
+                  else [None, None])
+        return LayerCache(_untouched_zeros(shape, self.cache_dtype), _untouched_zeros(shape, self.cache_dtype), *scales)
 
     def _buffers(self, capacity: int, old: InPlaceCache | None = None) -> InPlaceCache:
         """Buffers of ``capacity`` tokens, holding ``old``'s cached tokens if given."""
