@@ -154,17 +154,21 @@ def test_an_int8_cache_without_the_kernel_says_so_and_runs(tiny_checkpoints, bui
 
 
 def test_cut_graph_runs_each_weight_once_and_no_graph_attention(tiny_checkpoints, build_package):
-    """The cut (runtime/segments.py): layers + 1 pieces; no attention node of the graph's own
-    left in them (the kernel does it); every weight in exactly one piece, with the weight-only
-    nodes that read it (an INT4 weight's DequantizeLinear goes with its MatMul, so ONNX Runtime
-    still fuses the pair: a dequantized float copy never crosses from one session to another)."""
+    """The cut (runtime/segments.py) at the attentions: layers + 1 pieces; no attention node of the
+    graph's own left in them (the kernel does it); every weight in exactly one piece, with the
+    weight-only nodes that read it (an INT4 weight's DequantizeLinear goes with its MatMul, so ONNX
+    Runtime still fuses the pair: a dequantized float copy never crosses from one session to
+    another). Cut at the quantized linears too, as where the linear kernel runs them: their
+    MatMuls, DequantizeLinears and weights leave every piece, and a piece with nothing to do
+    (between an attention and its o_proj) has no nodes."""
     import onnx
 
     pkg = build_package(tiny_checkpoints["mm_tied"], "int4", block_size=32, head="int4")
     graph = onnx.load(str(pkg / "decoder.cpu.onnx"), load_external_data=False)
     cuts = segments.attention_cuts(graph)
-    pieces = segments.cut(graph, cuts)
-    assert len(pieces) == len(cuts["layers"]) + 1
+    layers = len(cuts["layers"])
+    pieces = segments.cut(graph, segments.attention_steps(cuts, None))
+    assert len(pieces) == layers + 1
     kinds = {n.op_type for piece in pieces for n in piece.graph.node}
     assert not kinds & {"Softmax", "FusedMatMul", "RotaryEmbedding"}
     assert {"DequantizeLinear", "MatMulNBits", "SkipSimplifiedLayerNormalization"} <= kinds
@@ -179,30 +183,43 @@ def test_cut_graph_runs_each_weight_once_and_no_graph_attention(tiny_checkpoints
         crossing = [i.name for i in piece.graph.input]
         assert not [name for name in crossing if name.startswith("dequantizelinear")]
 
+    pairs, head = linear.layer_linears(graph), linear.head_node(graph)
+    assert len(pairs) == 4 * layers and head is not None  # q_k_v, o_proj, gate_up, down_proj; the head
+    linears = [segments.LinearStep(matmul.input[0], matmul.output[0], None) for _, matmul in pairs]
+    steps = segments.in_graph_order(graph, [*segments.attention_steps(cuts, None), *linears,
+                                            segments.LinearStep(head.input[0], "logits", None)])
+    pieces = segments.cut(graph, steps)
+    assert len(pieces) == len(steps) + 1 == 5 * layers + 2
+    kinds = {n.op_type for piece in pieces for n in piece.graph.node}
+    assert not kinds & {"MatMul", "MatMulNBits", "DequantizeLinear", "Softmax", "RotaryEmbedding"}
+    assert not [t.name for piece in pieces for t in piece.graph.initializer if "qweight" in t.name]
+    assert sum(not piece.graph.node for piece in pieces) >= layers + 1  # after each attention; after the head
+    with pytest.raises(ValueError, match="made after it; cannot cut here"):
+        segments.cut(graph, steps[::-1])
+
 
 @pytest.mark.parametrize("head", ["int4", "int8"])
-def test_the_linear_kernel_runs_the_quantized_head(tiny_checkpoints, build_package, monkeypatch, caplog, head):
-    """At accuracy level 4 the head's MatMulNBits leaves the last piece and the linear kernel makes
-    the logits from its input: held, over a prefill and 20 teacher-forced steps, to the same cut
-    graph with ONNX Runtime's head (the same int8 products: apart by float32 summation order)."""
+def test_the_linear_kernel_runs_the_quantized_linears(tiny_checkpoints, build_package, monkeypatch, caplog, head):
+    """At accuracy level 4 every INT4 linear of the layers and the MatMulNBits head leave the
+    pieces and the linear kernel runs them, the head making the logits: held, over a prefill and
+    20 teacher-forced steps, to the same cut graph with ONNX Runtime's MatMulNBits (the same int8
+    products: apart by float32 summation order)."""
     import logging
-
-    import onnx
 
     pkg = build_package(tiny_checkpoints["mm_tied"], "int4", block_size=32, head=head)
     with caplog.at_level(logging.INFO, logger="edge_sdk"):
         by_kernel = edge_sdk.load(pkg, kv_cache="float32")
+    layers = by_kernel.manifest.model.text.num_layers
+    assert f"the linear kernel runs {4 * layers} INT4 linears and the INT{head[-1]} head" in caplog.text
     decoder = by_kernel.backend.segmented
-    assert decoder.head is not None and f"LM head: the linear kernel (INT{head[-1]}, blocks of 32" in caplog.text
-    assert decoder.head.kernel.rows == by_kernel.manifest.model.text.vocab_size
-    assert not [n for seg in decoder.segments for n in seg.session.get_outputs() if n.name == "logits"]
-    graph = onnx.load(str(pkg / "decoder.cpu.onnx"), load_external_data=False)
-    last = segments.cut(graph, segments.attention_cuts(graph), decoder.head.input)[-1]
-    assert "MatMulNBits" not in {n.op_type for n in last.graph.node}
-    assert not [t for t in last.graph.initializer if t.name.startswith("lm_head")]  # its weights: read once, by the kernel
+    linears = [step for step in decoder.steps if isinstance(step, segments.LinearStep)]
+    assert len(linears) == 4 * layers + 1 and linears[-1].y == "logits"
+    assert linears[-1].kernel.rows == by_kernel.manifest.model.text.vocab_size
+    sessions = [segment.session for segment in decoder.segments if segment is not None]
+    assert not [o for session in sessions for o in session.get_outputs() if o.name == "logits"]
     monkeypatch.setattr(linear, "available", lambda library: False)
     by_graph = edge_sdk.load(pkg, kv_cache="float32")
-    assert by_graph.backend.segmented.head is None
+    assert not [step for step in by_graph.backend.segmented.steps if isinstance(step, segments.LinearStep)]
     tokens = [1, 3, 1091, 1500, 2041, 1201, 3333] + [1000 + 37 * i for i in range(20)]
     runs = []
     for backend in (by_kernel.backend, by_graph.backend):
@@ -256,7 +273,8 @@ def test_a_step_interrupted_by_another_sequence_keeps_its_own(tiny_checkpoints, 
     a_prompt, b_prompt = [1, 3, 1091, 1500, 2041], [1, 3, 1201, 3333, 1044, 4, 1600]
     want, _ = backend.forward(backend.embed(np.array([11])), np.array([6]), primed(a_prompt))
     a, b = primed(a_prompt), primed(b_prompt)
-    first_attention, interrupted = a.decode_io.attention[0], []
+    first = next(i for i, step in enumerate(backend.segmented.steps) if isinstance(step, segments.AttentionStep))
+    first_attention, interrupted = a.decode_io.calls[first], []
 
     def interrupting(length):
         if not interrupted:
@@ -264,7 +282,7 @@ def test_a_step_interrupted_by_another_sequence_keeps_its_own(tiny_checkpoints, 
             backend.forward(backend.embed(np.array([13])), np.array([8]), b)
         first_attention(length)
 
-    a.decode_io.attention[0] = interrupting
+    a.decode_io.calls[first] = interrupting
     got, _ = backend.forward(backend.embed(np.array([11])), np.array([6]), a)
     assert interrupted and b.length == 9
     np.testing.assert_array_equal(got, want)

@@ -5,7 +5,8 @@ dequantized weight, from which the two differ by the int8 rounding of x per bloc
 
 Shapes cover what the packed layout must get right: rows that are not whole 32-row pairs (the
 padding dropped), one and several blocks per row, INT4's two nibbles, float16 and float32
-scales, one thread and two."""
+scales, one thread and two, one token (decode) and several (prefill: each quantized on its
+own)."""
 
 from __future__ import annotations
 
@@ -35,46 +36,49 @@ def _dequantized(bits, codes, scales, block):
 
 
 def _matmul_nbits(bits, codes, scales, block, x):
-    """ONNX Runtime's MatMulNBits over the same bytes, accuracy level 4."""
+    """ONNX Runtime's MatMulNBits over the same bytes, accuracy level 4: x [tokens, cols]."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    rows, cols = codes.shape[0], x.size
+    rows, cols = codes.shape[0], x.shape[-1]
     node = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft", K=cols, N=rows,
                             bits=bits, block_size=block, accuracy_level=4)
-    graph = helper.make_graph([node], "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cols])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, rows])],
+    graph = helper.make_graph([node], "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["tokens", cols])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["tokens", rows])],
                               [numpy_helper.from_array(codes.reshape(rows, cols // block, -1), "w"),
                                numpy_helper.from_array(scales.reshape(-1).astype(np.float32), "s")])  # its scales: x's type
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x[None]})[0][0]
+    return session.run(None, {"x": x.reshape(-1, cols)})[0].reshape(*x.shape[:-1], rows)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads,tokens", [(1, 1), (2, 1), (2, 5)])
 @pytest.mark.parametrize("bits,rows,cols,block,scale_dtype", [
     (4, 1000, 256, 32, np.float16),    # 31 whole pairs and 8 rows of a padded one; 8 blocks
     (4, 4128, 384, 128, np.float32),   # 129 pairs: past one unit of 16 pairs, over threads; 3 blocks
     (8, 77, 128, 64, np.float16),      # INT8: 2 blocks, a padded last pair
     (8, 2048, 3072, 128, np.float32),  # INT8 at Ministral 3's hidden size: 24 blocks, threads share it
 ])
-def test_the_product_matches_matmul_nbits_and_the_definition(bits, rows, cols, block, scale_dtype, threads):
+def test_the_product_matches_matmul_nbits_and_the_definition(bits, rows, cols, block, scale_dtype, threads, tokens):
     rng = np.random.default_rng(rows + bits)
     codes, scales = _weight(bits, rows, cols, block, scale_dtype, rng)
     kernel = linear.LinearKernel(library, linear.QuantizedWeight(bits, block, rows, cols,
                                                                  lambda r0, r1: (codes[r0:r1], scales[r0:r1])), threads)
-    x = rng.standard_normal(cols).astype(np.float32)
-    x[:block] *= 20  # one block with a larger scale than the others: each block is quantized on its own
-    out = np.full(rows, np.nan, np.float32)
+    x = rng.standard_normal((tokens, cols)).astype(np.float32)
+    x[:, :block] *= 20  # one block with a larger scale than the others: each block is quantized on its own
+    x[-1] *= 50  # and one token larger than the others: each token too
+    out = np.full((tokens, rows), np.nan, np.float32)
     kernel(x, out)
     ort_out = _matmul_nbits(bits, codes, scales, block, x)
-    exact = _dequantized(bits, codes, scales, block) @ x.astype(np.float64)
+    exact = x.astype(np.float64) @ _dequantized(bits, codes, scales, block).T
     top = np.abs(exact).max()
     # the same int8 products as MatMulNBits: apart only by float32 summation order (measured 1e-7)
-    np.testing.assert_allclose(out, ort_out, atol=1e-5 * top, rtol=0)
-    # x's int8 rounding per block, against the definition (measured 4.2e-3 to 8.0e-3); a kernel that
-    # skipped a block's zero point or scale would miss by ~1
-    assert np.abs(out - exact).max() < 2e-2 * top
+    for token in range(tokens):  # each against its own largest value
+        top = np.abs(exact[token]).max()
+        np.testing.assert_allclose(out[token], ort_out[token], atol=1e-5 * top, rtol=0)
+        # x's int8 rounding per block, against the definition (measured 4.2e-3 to 8.0e-3); a kernel
+        # that skipped a block's zero point or scale would miss by ~1
+        assert np.abs(out[token] - exact[token]).max() < 2e-2 * top
 
 
 def test_the_weights_are_read_in_pieces_and_bad_input_is_refused(monkeypatch):
@@ -95,7 +99,7 @@ def test_the_weights_are_read_in_pieces_and_bad_input_is_refused(monkeypatch):
     x = rng.standard_normal(cols).astype(np.float32)
     out = np.empty(rows, np.float32)
     kernel(x, out)
-    np.testing.assert_allclose(out, _matmul_nbits(4, codes, scales, block, x),
+    np.testing.assert_allclose(out, _matmul_nbits(4, codes, scales, block, x[None])[0],
                                atol=1e-5 * np.abs(out).max(), rtol=0)
 
     with pytest.raises(ValueError, match="x must be 64 C-contiguous float32 values, not 64 float64"):

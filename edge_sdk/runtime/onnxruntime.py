@@ -33,7 +33,7 @@ import numpy as np
 from .attention import LayerCache
 from .embedding import EmbeddingTable
 from .io_binding import bind_arrays
-from .segments import DecodeBindings, Head, SegmentedDecoder
+from .segments import DecodeBindings, LinearStep, SegmentedDecoder
 from .types import ContextOverflowError
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,11 @@ CAPACITY_STEP = 256
 #: scores take heads x chunk x (cache + chunk) floats, ~150 MB per layer at 256 tokens after
 #: 4,096; cut, it keeps each piece's activations (chunk x 9,216 floats for the MLP) bounded.
 PREFILL_CHUNK = 256
+
+
+#: The CPU graph's nodes worth threads: matrix products (ONNX Runtime fuses an INT4
+#: DequantizeLinear -> MatMul into MatMulNBits).
+HEAVY_OPS = {"MatMul", "MatMulNBits", "FusedMatMul", "Gemm"}
 
 
 def _drives(cpu_graph) -> bool:
@@ -191,11 +196,11 @@ class OnnxRuntimeBackend:
                  "attention kernel" if self.segmented else "graph attention",
                  f"in-place {self.cache_dtype.name}" if self.in_place else "concatenated")
 
-    def _options(self, arena: bool):
+    def _options(self, arena: bool, threads: int | None = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
+        options.intra_op_num_threads = threads or self.threads
         # Each session's threads spin between the nodes of a run, then stop: a cut CPU graph runs a
         # session per layer, and threads left spinning after theirs would take the cores from the
         # next session and the attention kernel.
@@ -209,8 +214,8 @@ class OnnxRuntimeBackend:
 
     def _segmented(self, path: Path, graph, heads: int) -> SegmentedDecoder | None:
         """The CPU graph cut at its attentions, with the attention kernel between the pieces (and
-        the linear kernel as its head, where it can be); None (and the reason, logged) where this
-        host or package cannot: the whole graph runs then."""
+        at its quantized linears, run by the linear kernel, where it can be); None (and the reason,
+        logged) where this host or package cannot: the whole graph runs then."""
         from . import attention, kernels, segments
 
         cuts = segments.attention_cuts(graph)
@@ -230,38 +235,54 @@ class OnnxRuntimeBackend:
             return None
         kernel = attention.AttentionKernel(library, heads, self.kv_heads, self.head_dim,
                                            segments.rope_tables(graph, cuts, path), self.threads)
-        head = self._head(library, path, graph)
+        linears = self._linears(library, path, graph)
         # No arena per piece: each would keep its own high-water mark of activations (measured: +0.12 GB
         # after a 128-token prefill over 7 pieces); the allocator's free lists serve them all instead.
         options = self._options(arena=False)
-        return SegmentedDecoder.open(graph, cuts, kernel,
-                                     lambda piece: _session(path, options, self.accuracy_level, piece), head)
+        # A piece without matrix products (norms, splits, the MLP's activation: what is left between
+        # the linear kernel's steps) runs on the calling thread: a thread of its own to wake would
+        # cost more than its work, and would contend with the kernels' threads for the cores.
+        light = self._options(arena=False, threads=1)
 
-    def _head(self, library, path: Path, graph) -> Head | None:
-        """The linear kernel over the graph's quantized head, where it computes what the graph's
-        MatMulNBits would (accuracy level 4: int8 products) and this CPU runs it; else None, and the
-        last piece keeps the head."""
+        def make_session(piece):
+            heavy = any(node.op_type in HEAVY_OPS for node in piece.graph.node)
+            return _session(path, options if heavy else light, self.accuracy_level, piece)
+        return SegmentedDecoder.open(graph, cuts, kernel, make_session, linears)
+
+    def _linears(self, library, path: Path, graph) -> list[LinearStep]:
+        """The linear kernel over the graph's quantized linears (the layers' INT4 ones and the
+        MatMulNBits head), where it computes what MatMulNBits would (accuracy level 4: int8
+        products) and this CPU runs it; else none, and the pieces keep them."""
+        from tqdm.auto import tqdm
+
         from . import linear
 
+        if self.accuracy_level != 4:
+            return []
+        if not linear.available(library):
+            log.info("quantized linears: ONNX Runtime's MatMulNBits (the linear kernel needs AVX-512 VNNI)")
+            return []
+        pairs = linear.layer_linears(graph)
+        steps = [LinearStep(matmul.input[0], matmul.output[0],
+                            linear.LinearKernel(library, linear.dequantize_linear_weight(graph, dq, path.parent),
+                                                self.threads))
+                 for dq, matmul in tqdm(pairs, desc="packing INT4 linears", unit="linear", leave=False,
+                                        disable=None)]  # shown on a terminal only
         node = linear.head_node(graph)
-        if node is None or self.accuracy_level != 4:
-            return None
-        attrs = {a.name: a.i for a in node.attribute}
-        if not linear.available(library) or not linear.supports(attrs["bits"], attrs["block_size"], attrs["K"]):
-            log.info("LM head: ONNX Runtime's MatMulNBits (the linear kernel needs AVX-512 VNNI and INT4 / INT8 "
-                     "blocks of a multiple of 32)")
-            return None
-        weight = linear.matmul_nbits_weight(graph, node, path.parent)
-        log.info("LM head: the linear kernel (INT%d, blocks of %d, %d x %d)", weight.bits, weight.block,
-                 weight.rows, weight.cols)
-        return Head(node.input[0], linear.LinearKernel(library, weight, self.threads))
+        attrs = {a.name: a.i for a in node.attribute} if node is not None else {}
+        if node is not None and linear.supports(attrs["bits"], attrs["block_size"], attrs["K"]):
+            head = linear.LinearKernel(library, linear.matmul_nbits_weight(graph, node, path.parent), self.threads)
+            steps.append(LinearStep(node.input[0], "logits", head))
+        log.info("the linear kernel runs %d INT4 linears%s", len(pairs),
+                 f" and the INT{head.bits} head" if len(steps) > len(pairs) else "")
+        return steps
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.embeddings.lookup(ids)
 
     def new_cache(self) -> OrtCache | InPlaceCache | KernelCache:
         if self.segmented:
-            return KernelCache([self._layer_cache() for _ in self.segmented.layers])
+            return KernelCache([self._layer_cache() for _ in range(self.segmented.attention_layers)])
         if self.in_place:
             return self._buffers(min(CAPACITY_STEP, self.context_length))
         import onnxruntime as ort

@@ -1,19 +1,21 @@
-"""The CPU graph cut at each layer's attention: ONNX Runtime runs the graph between attentions
-(norms, projections, MLP, head) as one session per segment, and the attention kernel
-(runtime/attention.py) runs each layer's attention over KV buffers this backend owns.
+"""The CPU graph cut at each kernel step: ONNX Runtime runs the graph between steps (norms, the
+MLP's activation, RoPE-free glue) as one session per piece, and edge_sdk's kernels run the steps:
+each layer's attention (runtime/attention.py, over KV buffers this backend owns) and, where the
+linear kernel runs them (runtime/linear.py), the quantized linears: the layers' INT4 projections
+and the head.
 
 Why cut rather than run the whole graph: the graph's attention is ~20 small nodes per layer,
 whose matrix products pack the cache before reading it, at a fraction of the memory bandwidth
-at long contexts; the kernel reads each cached row once per step. The cut is made at load from
-`decoder.cpu.onnx` (its `edge_sdk.attention_cuts` metadata names each layer's q, k, v before
-RoPE and its attention output), so the package keeps one CPU graph, which still runs whole where
-no kernel is installed, and which the tests hold this path to.
+at long contexts; the kernel reads each cached row once per step. ONNX Runtime's MatMulNBits
+reads INT4 weights below the bandwidth too. The cut is made at load from `decoder.cpu.onnx` (its
+`edge_sdk.attention_cuts` metadata names each layer's q, k, v before RoPE and its attention
+output; a linear is cut at its input and output), so the package keeps one CPU graph, which
+still runs whole where no kernel is installed, and which the tests hold this path to.
 
-Segment j runs from layer j - 1's attention output (the embeddings for j = 0) to layer j's q, k
-and v (the logits for the last); the tensors it needs from earlier segments (the residual
-stream, position_ids) are its inputs too. Where the linear kernel runs the quantized head
-(runtime/linear.py), the last segment ends at the head's input instead and the kernel makes the
-logits from it.
+Steps run in graph order; piece j runs after step j - 1 (from the embeddings for j = 0) and makes
+what step j reads (the logits, for the last piece, unless a step made them); the tensors it needs
+from earlier pieces or steps (the residual stream, position_ids) are its inputs too. A piece with
+nothing to do (an attention's output is its o_proj's input) has no session.
 """
 
 from __future__ import annotations
@@ -39,12 +41,64 @@ class Segment:
 
 
 @dataclass(frozen=True)
-class Head:
-    """The LM head run by the linear kernel: ``input`` is the tensor it reads (the final norm's
-    output for the last token, [1, hidden]), where the cut graph then ends."""
+class AttentionStep:
+    """Layer ``layer``'s attention: q, k, v [.., S, width] before RoPE -> ``out`` [1, S, heads * D]."""
 
-    input: str
+    layer: int
+    q: str
+    k: str
+    v: str
+    out: str
+    kernel: AttentionKernel
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return self.q, self.k, self.v
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.out,)
+
+    def run(self, values: dict, positions: np.ndarray, caches: list[LayerCache], length: int) -> None:
+        q, k, v = (np.ascontiguousarray(values[n][0], dtype=np.float32) for n in self.inputs)
+        out = np.empty_like(q)
+        self.kernel(q, k, v, positions, caches[self.layer], length, out)
+        values[self.out] = out[None]
+
+    def bind(self, arrays: dict, caches: list[LayerCache]):
+        return self.kernel.bind(*(arrays[n][0] for n in self.inputs), arrays["position_ids"][0],
+                                caches[self.layer], arrays[self.out][0])
+
+
+@dataclass(frozen=True)
+class LinearStep:
+    """A quantized linear: x [.., cols] -> y [.., rows] (the head's y: the logits)."""
+
+    x: str
+    y: str
     kernel: LinearKernel
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.x,)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.y,)
+
+    def run(self, values: dict, positions: np.ndarray, caches: list[LayerCache], length: int) -> None:
+        x = np.ascontiguousarray(values[self.x], dtype=np.float32)
+        y = np.empty((*x.shape[:-1], self.kernel.rows), np.float32)
+        self.kernel(x, y)
+        values[self.y] = y
+
+    def bind(self, arrays: dict, caches: list[LayerCache]):
+        run = self.kernel.bind(arrays[self.x], arrays[self.y])
+
+        def call(length: int) -> None:
+            run()
+        call.arrays = run.arrays
+        return call
 
 
 def attention_cuts(model) -> dict | None:
@@ -64,27 +118,45 @@ def rope_tables(model, cuts: dict, cpu_graph: Path) -> RopeTables:
     return RopeTables(*arrays)
 
 
-def cut(model, cuts: dict, head_input: str | None = None) -> list:
-    """The segment graphs (ModelProtos, weights still external), in order: len(layers) + 1; the
-    last ends at ``head_input`` where given (the head's nodes and weights drop out), else at the
-    logits."""
-    layers, g = cuts["layers"], model.graph
-    last = head_input or "logits"
-    attention_outs = {layer["out"] for layer in layers}
+def attention_steps(cuts: dict, kernel: AttentionKernel | None) -> list[AttentionStep]:
+    return [AttentionStep(i, layer["q"], layer["k"], layer["v"], layer["out"], kernel)
+            for i, layer in enumerate(cuts["layers"])]
+
+
+def in_graph_order(model, steps: list) -> list:
+    """``steps`` in the order the graph computes them: by where the graph makes their output."""
+    made_at = {o: i for i, node in enumerate(model.graph.node) for o in node.output}
+    return sorted(steps, key=lambda step: made_at[step.outputs[0]])
+
+
+def cut(model, steps: list) -> list:
+    """The pieces around ``steps`` (in graph order) as ModelProtos, weights still external:
+    len(steps) + 1, piece j before step j, the last making the logits; a piece with nothing to do
+    has no nodes. The steps' own nodes (a linear's MatMul and the DequantizeLinear of its weight,
+    an attention's ~20) and their weights drop out."""
+    g = model.graph
+    made_by_step = {o: i + 1 for i, step in enumerate(steps) for o in step.outputs}  # -> the piece after
     news = {o.name for o in g.output if o.name.startswith(("new_key", "new_value"))}
-    nodes = _live_nodes(g, [last, *(layer[k] for layer in layers for k in ("q", "k", "v"))],
-                        attention_outs | news)
+    wanted = [name for step in steps for name in step.inputs]
+    if "logits" not in made_by_step:
+        wanted.append("logits")
+    nodes = _live_nodes(g, wanted, set(made_by_step) | news)
     constant = _weight_only(g, nodes)
-    node_segment = _segment_of_nodes(nodes, layers, constant)
-    last_reader: dict[str, int] = {}  # tensor -> the last segment that reads it
+    node_segment, segment_of = _segment_of_nodes(nodes, steps, made_by_step, constant)
+    last_reader: dict[str, float] = {}  # tensor -> the last piece that reads it (step j: j + 0.5)
     for node in nodes:
         if id(node) in node_segment:
             for name in node.input:
                 last_reader[name] = max(last_reader.get(name, 0), node_segment[id(node)])
+    for i, step in enumerate(steps):
+        for name in step.inputs:
+            last_reader[name] = max(last_reader.get(name, 0), i + 0.5)
+    made_in = {o: node_segment[id(n)] for n in nodes if id(n) in node_segment for o in n.output}
     types = _element_types(model)
     pieces = []
-    for seg in range(len(layers) + 1):
-        ends = [layers[seg][k] for k in ("q", "k", "v")] if seg < len(layers) else [last]
+    for seg in range(len(steps) + 1):
+        reads = steps[seg].inputs if seg < len(steps) else ["logits"]
+        ends = [name for name in reads if made_in.get(name) == seg]
         pieces.append(_piece(model, nodes, seg, node_segment, constant, last_reader, ends, types))
     return pieces
 
@@ -127,10 +199,12 @@ def _weight_only(g, nodes: list) -> set[str]:
     return constant
 
 
-def _segment_of_nodes(nodes: list, layers: list[dict], constant: set[str]) -> dict[int, int]:
-    """id(node) -> segment, for the nodes that read activations: the segment after the latest
-    attention they depend on. (Weight-only nodes go with whichever segment reads them.)"""
-    segment_of = {layer["out"]: i + 1 for i, layer in enumerate(layers)}  # tensor -> segment
+def _segment_of_nodes(nodes: list, steps: list, made_by_step: dict[str, int],
+                      constant: set[str]) -> tuple[dict[int, int], dict[str, int]]:
+    """(id(node) -> piece, tensor -> piece or step it is made in, as the piece after the step) for
+    the nodes that read activations: the piece after the latest step they depend on. (Weight-only
+    nodes go with whichever piece reads them.)"""
+    segment_of = dict(made_by_step)
     node_segment = {}
     for node in nodes:
         if node.output[0] in constant:
@@ -138,10 +212,12 @@ def _segment_of_nodes(nodes: list, layers: list[dict], constant: set[str]) -> di
         seg = max((segment_of.get(n, 0) for n in node.input if n and n not in constant), default=0)
         node_segment[id(node)] = seg
         segment_of.update({o: seg for o in node.output if o})
-    for i, layer in enumerate(layers):
-        if any(segment_of.get(layer[k]) != i for k in ("q", "k", "v")):
-            raise ValueError(f"layer {i}'s q, k, v do not all follow layer {i - 1}'s attention; cannot cut here")
-    return node_segment
+    for i, step in enumerate(steps):
+        late = [name for name in step.inputs if segment_of.get(name, 0) > i]
+        if late:
+            raise ValueError(f"step {i} ({', '.join(step.outputs)}) reads {', '.join(late)}, made after it; "
+                             "cannot cut here")
+    return node_segment, segment_of
 
 
 def _piece(model, nodes: list, seg: int, node_segment: dict[int, int], constant: set[str],
@@ -180,42 +256,46 @@ def _piece(model, nodes: list, seg: int, node_segment: dict[int, int], constant:
 
 @dataclass
 class DecodeBindings:
-    """A one-token step's tensors as NumPy arrays, bound once to an IO binding per piece, and the
-    kernel's call per layer bound once over them and the sequence's cache: a decode step then
-    copies its embedding and position in and its logits out, with no feeds, output allocations,
-    conversions or argument checks per piece; the kernel reads q, k, v from and writes its
-    output into the same arrays."""
+    """A one-token step's tensors as NumPy arrays, bound once to an IO binding per piece, and each
+    kernel step's call bound once over them (and, for attention, the sequence's cache): a decode
+    step then copies its embedding and position in and its logits out, with no feeds, output
+    allocations, conversions or argument checks per piece; the kernels read their inputs from
+    and write their outputs into the same arrays."""
 
-    bindings: list
+    bindings: list  # per piece: its IO binding, or None for a piece with nothing to do
     arrays: dict[str, np.ndarray]
     values: list  # the OrtValues over those arrays, kept alive with them (per piece)
-    attention: list  # per layer: the kernel bound to this step's arrays and the layer's cache, f(length)
-    head: object | None  # the linear kernel bound to the head's input and the logits, f(); None: a piece makes them
+    calls: list  # per step: the kernel bound to this step's arrays, f(cached length)
 
 
 class SegmentedDecoder:
-    """One step of the decoder: the segments' sessions with the attention kernel between them, and
-    the linear kernel after them where it runs the head."""
+    """One step of the decoder: the pieces' sessions with the kernel steps between them."""
 
-    def __init__(self, segments: list[Segment], cuts: dict, kernel: AttentionKernel, head: Head | None = None):
-        self.segments, self.layers, self.kernel, self.head = segments, cuts["layers"], kernel, head
+    def __init__(self, segments: list[Segment | None], steps: list):
+        self.segments, self.steps = segments, steps
 
     @classmethod
-    def open(cls, graph, cuts: dict, kernel: AttentionKernel, make_session, head: Head | None = None) -> SegmentedDecoder:
-        """Cut ``graph`` and open a session per piece (``make_session(model)``). The last piece
-        first: where it holds the head, prepacking the head's weights briefly holds them twice, and
-        that peak then sits on the smallest baseline (measured: 1.22 GB peak the other way, 1.11
-        this way)."""
-        pieces = cut(graph, cuts, head.input if head else None)
-        sessions = {len(pieces) - 1: make_session(pieces[-1])}
-        sessions.update({i: make_session(piece) for i, piece in enumerate(pieces[:-1])})
+    def open(cls, graph, cuts: dict, kernel: AttentionKernel, make_session,
+             linears: list[LinearStep] = ()) -> SegmentedDecoder:
+        """Cut ``graph`` around its attentions and ``linears`` and open a session per piece that
+        has nodes (``make_session(model)``), the last piece first: where it holds the head,
+        prepacking the head's weights briefly holds them twice, and that peak then sits on the
+        smallest baseline (measured: 1.22 GB peak the other way, 1.11 this way)."""
+        steps = in_graph_order(graph, [*attention_steps(cuts, kernel), *linears])
+        pieces = cut(graph, steps)
+        order = [len(pieces) - 1, *range(len(pieces) - 1)]
+        sessions = {i: make_session(pieces[i]) for i in order if len(pieces[i].graph.node)}
         segments = [Segment(sessions[i], [v.name for v in piece.graph.input], [v.name for v in piece.graph.output])
-                    for i, piece in enumerate(pieces)]
-        return cls(segments, cuts, kernel, head)
+                    if i in sessions else None for i, piece in enumerate(pieces)]
+        return cls(segments, steps)
+
+    @property
+    def attention_layers(self) -> int:
+        return sum(isinstance(step, AttentionStep) for step in self.steps)
 
     def step(self, embeds: np.ndarray, position_ids: np.ndarray, caches: list[LayerCache], length: int,
              bindings: DecodeBindings | None) -> tuple[np.ndarray, DecodeBindings | None]:
-        """(logits [S, vocab], bindings) for ``embeds`` [S, H] at ``position_ids`` [S], with
+        """(logits [vocab], bindings) for ``embeds`` [S, H] at ``position_ids`` [S], with
         ``length`` tokens already in ``caches`` (one per layer); this step's keys and values are
         written into them. ``bindings``: one sequence's (the caller keeps them with its caches:
         generations on other threads have their own), made by its first one-token step and used
@@ -225,41 +305,30 @@ class SegmentedDecoder:
             return self._decode_step(embeds, positions, length, bindings), bindings
         values = {"inputs_embeds": embeds.reshape(1, *embeds.shape), "position_ids": positions.reshape(1, -1)}
         for i, segment in enumerate(self.segments):
-            outs = segment.session.run(segment.outputs, {name: values[name] for name in segment.inputs})
-            values.update(zip(segment.outputs, outs))
-            if i == len(self.layers):
-                if self.head:
-                    values["logits"] = np.empty((1, self.head.kernel.rows), np.float32)
-                    self.head.kernel(np.ascontiguousarray(values[self.head.input], dtype=np.float32).reshape(-1),
-                                     values["logits"][0])
-                break
-            layer = self.layers[i]
-            q, k, v = (np.ascontiguousarray(values[layer[n]][0], dtype=np.float32) for n in ("q", "k", "v"))
-            out = np.empty_like(q)
-            self.kernel(q, k, v, positions, caches[i], length, out)
-            values[layer["out"]] = out[None]
+            if segment is not None:
+                outs = segment.session.run(segment.outputs, {name: values[name] for name in segment.inputs})
+                values.update(zip(segment.outputs, outs))
+            if i < len(self.steps):
+                self.steps[i].run(values, positions, caches, length)
         return values["logits"][0], self._bind(values, caches) if len(positions) == 1 else bindings
 
     def _decode_step(self, embeds, positions, length, io: DecodeBindings) -> np.ndarray:
         io.arrays["inputs_embeds"][...] = embeds
         io.arrays["position_ids"][...] = positions
         for i, (segment, binding) in enumerate(zip(self.segments, io.bindings)):
-            segment.session.run_with_iobinding(binding)
-            if i == len(self.layers):
-                if io.head:
-                    io.head()
-                return io.arrays["logits"][0].copy()
-            io.attention[i](length)
-        raise AssertionError("unreachable: the last piece makes the logits")
+            if binding is not None:
+                segment.session.run_with_iobinding(binding)
+            if i < len(self.steps):
+                io.calls[i](length)
+        return io.arrays["logits"][0].copy()
 
     def _bind(self, values: dict[str, np.ndarray], caches: list[LayerCache]) -> DecodeBindings:
         """Bindings over copies of one one-token step's tensors (their shapes are every one's); a
-        piece's output array is the next pieces' input array, so nothing is copied between them."""
+        piece's or step's output array is the next ones' input array, so nothing is copied between
+        them."""
         arrays = {name: np.array(value, order="C") for name, value in values.items()}
         bound = [bind_arrays(segment.session, {n: arrays[n] for n in segment.inputs},
-                             {n: arrays[n] for n in segment.outputs}) for segment in self.segments]
-        attention = [self.kernel.bind(*(arrays[layer[n]][0] for n in ("q", "k", "v")), arrays["position_ids"][0],
-                                      cache, arrays[layer["out"]][0]) for layer, cache in zip(self.layers, caches)]
-        head = self.head and self.head.kernel.bind(arrays[self.head.input].reshape(-1), arrays["logits"].reshape(-1))
-        return DecodeBindings([binding for binding, _ in bound], arrays, [values for _, values in bound], attention,
-                              head)
+                             {n: arrays[n] for n in segment.outputs}) if segment else (None, None)
+                 for segment in self.segments]
+        calls = [step.bind(arrays, caches) for step in self.steps]
+        return DecodeBindings([binding for binding, _ in bound], arrays, [values for _, values in bound], calls)

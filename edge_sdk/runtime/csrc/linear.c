@@ -1,7 +1,8 @@
-/* Matrix-vector products with block-quantized weights on the CPU: y = W x for W [rows, cols]
- * stored as INT4 or INT8 codes with one scale per block of `block` inputs, symmetric (the zero
- * points 8 and 128 that ONNX Runtime's MatMulNBits implies). What runtime/linear.py runs as the
- * LM head of a decode step: 131,072 x 3,072 for Ministral 3 3B, the largest read of the step.
+/* Products with block-quantized weights on the CPU: y = x W^T for W [rows, cols] stored as INT4 or
+ * INT8 codes with one scale per block of `block` inputs, symmetric (the zero points 8 and 128 that
+ * ONNX Runtime's MatMulNBits implies). What runtime/linear.py runs for a decode step's linears:
+ * the layers' INT4 projections and the LM head (131,072 x 3,072 for Ministral 3 3B, the step's
+ * largest read); prefill's several tokens too, each pair of row groups read once for all of them.
  *
  * Why a kernel of our own: on a 2-core AVX-512 host MatMulNBits (accuracy level 4) reads the INT4
  * head at ~20 GB/s where a plain read of the same bytes reaches ~30; this kernel ~27 (measured
@@ -37,13 +38,13 @@
 #define SERIAL_BYTES (1 << 20) /* weights smaller than this are read by one thread */
 
 struct product {
-    int bits, block, blocks, rows, pairs, units;
+    int bits, block, blocks, rows, cols, tokens, pairs, units;
     const unsigned char *packed;
     const float *scales;
-    const int *words;  /* x quantized: int8 codes, read four at a time */
-    const float *x_scales;
-    const int *x_zeros; /* per block: zero point x the block's sum of codes */
-    float *y;
+    const int *words;  /* x quantized: int8 codes, read four at a time, [tokens, cols / 4] */
+    const float *x_scales; /* [tokens, blocks] */
+    const int *x_zeros; /* [tokens, blocks]: zero point x the block's sum of codes */
+    float *y; /* [tokens, rows] */
     int next; /* the first unit no thread has taken (atomic) */
 };
 
@@ -53,35 +54,71 @@ static int valid(int bits, int block, int rows, int cols) {
     return (bits == 4 || bits == 8) && block > 0 && block % 32 == 0 && cols > 0 && cols % block == 0 && rows > 0;
 }
 
-/* Rows first .. first + count - 1 into the packed layout: `codes` [count, cols * bits / 8] as
- * MatMulNBits stores them (INT4: input 2i in the low nibble of byte i), `scales` [count, blocks]
- * float16 or float32 (scale_bits). Returns 0, or -1 for arguments this layout does not take. */
-int edge_linear_pack(int bits, int block, int rows, int cols, int first, int count, const unsigned char *codes,
-                     int scale_bits, const void *scales, unsigned char *packed, float *packed_scales) {
+static float scale_at(const void *scales, int scale_bits, size_t at) {
+    return scale_bits == 16 ? (float)((const _Float16 *)scales)[at] : ((const float *)scales)[at];
+}
+
+/* Rows first .. first + count - 1 into the packed layout (zeros where nothing is written yet),
+ * from one of two forms:
+ * - rows (MatMulNBits): `codes` [count, cols * bits / 8], INT4 input 2i in the low nibble of
+ *   byte i, codes unsigned about their zero point; `scales` [count, blocks];
+ * - columns (DequantizeLinear along the inputs, INT4 only): `codes` the whole [cols, rows] of
+ *   signed codes, two to a byte along the rows; `scales` the whole [blocks, rows]; `first` a
+ *   multiple of 16.
+ * Scales float16 or float32 (scale_bits). Returns 0, or -1 for arguments this layout does not
+ * take. */
+int edge_linear_pack(int bits, int block, int rows, int cols, int first, int count, int columns,
+                     const unsigned char *codes, int scale_bits, const void *scales, unsigned char *packed,
+                     float *packed_scales) {
     if (!valid(bits, block, rows, cols) || first < 0 || count < 0 || first + count > rows
-        || (scale_bits != 16 && scale_bits != 32))
+        || (scale_bits != 16 && scale_bits != 32) || (columns && (bits != 4 || rows % 2 || first % GROUP)))
         return -1;
     const int blocks = cols / block, chunks = block * bits / 32;
+    const size_t step = block_bytes(bits, block);
+    for (int i = 0; i < count; i++)
+        for (int b = 0; b < blocks; b++) {
+            const int row = first + i;
+            packed_scales[((size_t)(row / GROUP) * blocks + b) * GROUP + row % GROUP] =
+                scale_at(scales, scale_bits, columns ? (size_t)b * rows + row : (size_t)i * blocks + b);
+        }
+    if (columns) {
+        /* Tiles of 128 rows: for each input, one 64-byte line of codes, written into eight groups'
+         * blocks (L2-resident across the inputs); a byte holds two rows' codes. */
+        const size_t group_stride = (size_t)blocks * step;
+        for (int tile = first; tile < first + count; tile += 128) {
+            const int n = first + count - tile < 128 ? first + count - tile : 128;
+            for (int k = 0; k < cols; k++) {
+                const int b = k / block, c = k % block / 8, t = k % 8, shift = t / 4 * 4;
+                const unsigned char *src = codes + ((size_t)k * rows + tile) / 2;
+                unsigned char *base = packed + (size_t)(tile / GROUP) * group_stride + b * step + c * 64 + t % 4;
+                for (int i = 0; i < n; i += 2) {
+                    const int two = src[i / 2] ^ 0x88; /* signed codes -> about zero point 8 */
+                    unsigned char *dst = base + (size_t)(i / GROUP) * group_stride + i % GROUP * 4;
+                    dst[0] |= (unsigned char)((two & 15) << shift);
+                    dst[4] |= (unsigned char)((two >> 4) << shift);
+                }
+            }
+        }
+        return 0;
+    }
     const size_t row_bytes = (size_t)cols * bits / 8;
     for (int i = 0; i < count; i++) {
-        const int row = first + i, g = row / GROUP, r = row % GROUP;
+        const int row = first + i;
         const unsigned char *src = codes + i * row_bytes;
-        for (int b = 0; b < blocks; b++) {
-            const size_t at = (size_t)i * blocks + b;
-            packed_scales[((size_t)g * blocks + b) * GROUP + r] =
-                scale_bits == 16 ? (float)((const _Float16 *)scales)[at] : ((const float *)scales)[at];
-            unsigned char *dst = packed + ((size_t)g * blocks + b) * block_bytes(bits, block) + r * 4;
-            for (int c = 0; c < chunks; c++, dst += 64)
-                for (int t = 0; t < 4; t++) {
-                    if (bits == 8) {
-                        dst[t] = src[b * block + c * 4 + t];
-                    } else {
-                        const int low = b * block + c * 8 + t, high = low + 4;
-                        dst[t] = (unsigned char)(((src[low / 2] >> (low % 2 * 4)) & 15)
-                                                 | (((src[high / 2] >> (high % 2 * 4)) & 15) << 4));
-                    }
+        unsigned char *lane = packed + (size_t)(row / GROUP) * blocks * step + row % GROUP * 4;
+        for (int b = 0; b < blocks; b++)
+            for (int c = 0; c < chunks; c++) {
+                unsigned char *dst = lane + b * step + c * 64;
+                if (bits == 8) {
+                    memcpy(dst, src + (size_t)b * block + c * 4, 4);
+                } else { /* inputs k .. k + 7 are the nibbles of s[0..3], low first; lane byte t: k + t, k + 4 + t */
+                    const unsigned char *s = src + ((size_t)b * block + c * 8) / 2;
+                    dst[0] = (s[0] & 15) | (s[2] & 15) << 4;
+                    dst[1] = (s[0] >> 4) | (s[2] & 0xF0);
+                    dst[2] = (s[1] & 15) | (s[3] & 15) << 4;
+                    dst[3] = (s[1] >> 4) | (s[3] & 0xF0);
                 }
-        }
+            }
     }
     return 0;
 }
@@ -123,12 +160,14 @@ static inline void dot_int8(const unsigned char *w0, const unsigned char *w1, co
     *sum1 = a1;
 }
 
-/* Rows 32 * pair .. + 31 into out[0 .. 31]. */
-static void pair_rows(const struct product *p, int pair, float *out) {
+/* Rows 32 * pair .. + 31 of token t's product into out[0 .. 31]. */
+static void pair_rows(const struct product *p, int pair, int t, float *out) {
     const size_t step = block_bytes(p->bits, p->block), group = step * p->blocks;
     const unsigned char *w0 = p->packed + (size_t)2 * pair * group, *w1 = w0 + group;
     const float *s0 = p->scales + (size_t)2 * pair * p->blocks * GROUP, *s1 = s0 + (size_t)p->blocks * GROUP;
     const int chunks = p->block * p->bits / 32, words = p->block / 4;
+    const int *x = p->words + (size_t)t * (p->cols / 4), *x_zeros = p->x_zeros + (size_t)t * p->blocks;
+    const float *x_scales = p->x_scales + (size_t)t * p->blocks;
     __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps();
     for (int b = 0; b < p->blocks; b++, w0 += step, w1 += step) {
         for (size_t at = 0; at < step; at += 64) {
@@ -136,10 +175,10 @@ static void pair_rows(const struct product *p, int pair, float *out) {
             _mm_prefetch((const char *)w1 + PREFETCH_BYTES + at, _MM_HINT_T0);
         }
         __m512i d0, d1;
-        if (p->bits == 4) dot_int4(w0, w1, p->words + b * words, chunks, &d0, &d1);
-        else dot_int8(w0, w1, p->words + b * words, chunks, &d0, &d1);
-        const __m512i zero = _mm512_set1_epi32(p->x_zeros[b]);
-        const __m512 x_scale = _mm512_set1_ps(p->x_scales[b]);
+        if (p->bits == 4) dot_int4(w0, w1, x + b * words, chunks, &d0, &d1);
+        else dot_int8(w0, w1, x + b * words, chunks, &d0, &d1);
+        const __m512i zero = _mm512_set1_epi32(x_zeros[b]);
+        const __m512 x_scale = _mm512_set1_ps(x_scales[b]);
         f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d0, zero)),
                              _mm512_mul_ps(_mm512_loadu_ps(s0 + b * GROUP), x_scale), f0);
         f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d1, zero)),
@@ -150,7 +189,8 @@ static void pair_rows(const struct product *p, int pair, float *out) {
 }
 #pragma GCC pop_options
 
-/* A pool task: units of pairs until none is left; the last pair's padding rows are dropped. */
+/* A pool task: units of pairs until none is left, every token's product of a pair while its
+ * weights are in cache; the last pair's padding rows are dropped. */
 static void run_pairs(void *context) {
     struct product *p = context;
     float tail[PAIR];
@@ -158,11 +198,14 @@ static void run_pairs(void *context) {
         const int last = (u + 1) * UNIT_PAIRS < p->pairs ? (u + 1) * UNIT_PAIRS : p->pairs;
         for (int pair = u * UNIT_PAIRS; pair < last; pair++) {
             const int row = pair * PAIR;
-            if (row + PAIR <= p->rows) {
-                pair_rows(p, pair, p->y + row);
-            } else {
-                pair_rows(p, pair, tail);
-                memcpy(p->y + row, tail, sizeof(float) * (p->rows - row));
+            for (int t = 0; t < p->tokens; t++) {
+                float *y = p->y + (size_t)t * p->rows + row;
+                if (row + PAIR <= p->rows) {
+                    pair_rows(p, pair, t, y);
+                } else {
+                    pair_rows(p, pair, t, tail);
+                    memcpy(y, tail, sizeof(float) * (p->rows - row));
+                }
             }
         }
     }
@@ -179,21 +222,23 @@ int edge_linear_supported(void) {
 #endif
 }
 
-/* y [rows] = W x [cols] over weights packed by edge_linear_pack. Returns 0; -1 for arguments
- * this kernel does not take or a CPU without VNNI, -2 when scratch memory cannot be had. */
-int edge_linear(int bits, int block, int rows, int cols, const unsigned char *packed, const float *scales,
-                const float *x, float *y, int threads) {
-    if (!valid(bits, block, rows, cols) || !edge_linear_supported()) return -1;
+/* y [tokens, rows] = x [tokens, cols] W^T over weights packed by edge_linear_pack. Returns 0; -1
+ * for arguments this kernel does not take or a CPU without VNNI, -2 when scratch memory cannot
+ * be had. */
+int edge_linear(int bits, int block, int rows, int cols, int tokens, const unsigned char *packed,
+                const float *scales, const float *x, float *y, int threads) {
+    if (!valid(bits, block, rows, cols) || tokens < 1 || !edge_linear_supported()) return -1;
 #if defined(__x86_64__)
     const int blocks = cols / block, zero_point = bits == 4 ? 8 : 128;
-    int *words = malloc(cols), *x_zeros = malloc(sizeof(int) * blocks);
-    float *x_scales = malloc(sizeof(float) * blocks);
+    const size_t all_blocks = (size_t)tokens * blocks;
+    int *words = malloc((size_t)tokens * cols), *x_zeros = malloc(sizeof(int) * all_blocks);
+    float *x_scales = malloc(sizeof(float) * all_blocks);
     if (!words || !x_zeros || !x_scales) {
         free(words), free(x_zeros), free(x_scales);
         return -2;
     }
     signed char *codes = (signed char *)words;
-    for (int b = 0; b < blocks; b++) {
+    for (size_t b = 0; b < all_blocks; b++) { /* token b / blocks, block b % blocks: x is [tokens, cols] */
         const float *xb = x + (size_t)b * block;
         float top = 0.0f;
         for (int k = 0; k < block; k++) top = fabsf(xb[k]) > top ? fabsf(xb[k]) : top;
@@ -204,14 +249,14 @@ int edge_linear(int bits, int block, int rows, int cols, const unsigned char *pa
         x_zeros[b] = zero_point * sum;
     }
     const int pairs = (rows + PAIR - 1) / PAIR;
-    struct product p = {bits, block, blocks, rows, pairs, (pairs + UNIT_PAIRS - 1) / UNIT_PAIRS, packed, scales,
-                        words, x_scales, x_zeros, y, 0};
-    const size_t bytes = (size_t)rows * cols * bits / 8;
-    edge_pool_run(run_pairs, &p, bytes < SERIAL_BYTES || threads < 1 ? 1 : threads);
+    struct product p = {bits, block, blocks, rows, cols, tokens, pairs, (pairs + UNIT_PAIRS - 1) / UNIT_PAIRS,
+                        packed, scales, words, x_scales, x_zeros, y, 0};
+    const size_t work = (size_t)rows * cols * bits / 8 * tokens; /* bytes read, once per token from cache */
+    edge_pool_run(run_pairs, &p, work < SERIAL_BYTES || threads < 1 ? 1 : threads);
     free(words), free(x_zeros), free(x_scales);
     return 0;
 #else
-    (void)packed, (void)scales, (void)x, (void)y, (void)threads;
+    (void)packed, (void)scales, (void)x, (void)y, (void)threads, (void)tokens;
     return -1;
 #endif
 }
