@@ -34,6 +34,7 @@
 #define GROUP 16              /* rows summed in one vector, a lane each */
 #define PAIR (2 * GROUP)      /* rows one pass reads */
 #define UNIT_PAIRS 16         /* pairs a thread takes at a time: 512 rows */
+#define TOKEN_BLOCK 4         /* tokens whose products share each loaded chunk of weights (prefill) */
 #define PREFETCH_BYTES 2048   /* how far ahead of its loads each stream is fetched (measured best of 1, 2, 4 KB) */
 #define SERIAL_BYTES (1 << 20) /* weights smaller than this are read by one thread */
 
@@ -127,85 +128,109 @@ int edge_linear_pack(int bits, int block, int rows, int cols, int first, int cou
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vnni")
 
-/* One block of two groups, INT4: low nibbles as they are, high nibbles masked in place (16 times
- * their value) and summed apart, then shifted back: one instruction fewer per chunk than shifting
- * each. */
-static inline void dot_int4(const unsigned char *w0, const unsigned char *w1, const int *x, int chunks,
-                            __m512i *sum0, __m512i *sum1) {
+#define INLINE static inline __attribute__((always_inline))
+
+/* One block of two groups for `tokens` tokens (1, or TOKEN_BLOCK for prefill: a constant once
+ * inlined, so the sums stay in registers), each chunk of weights loaded and unpacked once for all
+ * of them. INT4: low nibbles as they are, high nibbles masked in place (16 times their value) and
+ * summed apart, then shifted back: one instruction fewer per chunk than shifting each. */
+INLINE void dot_int4(const unsigned char *w0, const unsigned char *w1, const int *const *x, int tokens, int chunks,
+                     __m512i *sum0, __m512i *sum1) {
     const __m512i low = _mm512_set1_epi8(0x0F), high = _mm512_set1_epi8((char)0xF0);
-    __m512i a0 = _mm512_setzero_si512(), h0 = _mm512_setzero_si512();
-    __m512i a1 = _mm512_setzero_si512(), h1 = _mm512_setzero_si512();
+    __m512i a0[TOKEN_BLOCK], h0[TOKEN_BLOCK], a1[TOKEN_BLOCK], h1[TOKEN_BLOCK];
+    for (int t = 0; t < tokens; t++) a0[t] = h0[t] = a1[t] = h1[t] = _mm512_setzero_si512();
     for (int c = 0; c < chunks; c++) {
-        const __m512i x_low = _mm512_set1_epi32(x[2 * c]), x_high = _mm512_set1_epi32(x[2 * c + 1]);
         const __m512i v0 = _mm512_loadu_si512(w0 + c * 64), v1 = _mm512_loadu_si512(w1 + c * 64);
-        a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(v0, low), x_low);
-        h0 = _mm512_dpbusd_epi32(h0, _mm512_and_si512(v0, high), x_high);
-        a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(v1, low), x_low);
-        h1 = _mm512_dpbusd_epi32(h1, _mm512_and_si512(v1, high), x_high);
+        const __m512i l0 = _mm512_and_si512(v0, low), g0 = _mm512_and_si512(v0, high);
+        const __m512i l1 = _mm512_and_si512(v1, low), g1 = _mm512_and_si512(v1, high);
+        for (int t = 0; t < tokens; t++) {
+            const __m512i x_low = _mm512_set1_epi32(x[t][2 * c]), x_high = _mm512_set1_epi32(x[t][2 * c + 1]);
+            a0[t] = _mm512_dpbusd_epi32(a0[t], l0, x_low);
+            h0[t] = _mm512_dpbusd_epi32(h0[t], g0, x_high);
+            a1[t] = _mm512_dpbusd_epi32(a1[t], l1, x_low);
+            h1[t] = _mm512_dpbusd_epi32(h1[t], g1, x_high);
+        }
     }
-    *sum0 = _mm512_add_epi32(a0, _mm512_srai_epi32(h0, 4));
-    *sum1 = _mm512_add_epi32(a1, _mm512_srai_epi32(h1, 4));
+    for (int t = 0; t < tokens; t++) {
+        sum0[t] = _mm512_add_epi32(a0[t], _mm512_srai_epi32(h0[t], 4));
+        sum1[t] = _mm512_add_epi32(a1[t], _mm512_srai_epi32(h1[t], 4));
+    }
 }
 
-/* One block of two groups, INT8. */
-static inline void dot_int8(const unsigned char *w0, const unsigned char *w1, const int *x, int chunks,
-                            __m512i *sum0, __m512i *sum1) {
-    __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+/* The same for INT8. */
+INLINE void dot_int8(const unsigned char *w0, const unsigned char *w1, const int *const *x, int tokens, int chunks,
+                     __m512i *sum0, __m512i *sum1) {
+    for (int t = 0; t < tokens; t++) sum0[t] = sum1[t] = _mm512_setzero_si512();
     for (int c = 0; c < chunks; c++) {
-        const __m512i xc = _mm512_set1_epi32(x[c]);
-        a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(w0 + c * 64), xc);
-        a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(w1 + c * 64), xc);
+        const __m512i v0 = _mm512_loadu_si512(w0 + c * 64), v1 = _mm512_loadu_si512(w1 + c * 64);
+        for (int t = 0; t < tokens; t++) {
+            const __m512i xc = _mm512_set1_epi32(x[t][c]);
+            sum0[t] = _mm512_dpbusd_epi32(sum0[t], v0, xc);
+            sum1[t] = _mm512_dpbusd_epi32(sum1[t], v1, xc);
+        }
     }
-    *sum0 = a0;
-    *sum1 = a1;
 }
 
-/* Rows 32 * pair .. + 31 of token t's product into out[0 .. 31]. */
-static void pair_rows(const struct product *p, int pair, int t, float *out) {
+/* Rows 32 * pair .. + 31 of tokens t0 .. t0 + tokens - 1, token t0 + i's into out[i][0 .. 31]. */
+INLINE void pair_rows(const struct product *p, int pair, int t0, int tokens, float *const *out) {
     const size_t step = block_bytes(p->bits, p->block), group = step * p->blocks;
     const unsigned char *w0 = p->packed + (size_t)2 * pair * group, *w1 = w0 + group;
     const float *s0 = p->scales + (size_t)2 * pair * p->blocks * GROUP, *s1 = s0 + (size_t)p->blocks * GROUP;
     const int chunks = p->block * p->bits / 32, words = p->block / 4;
-    const int *x = p->words + (size_t)t * (p->cols / 4), *x_zeros = p->x_zeros + (size_t)t * p->blocks;
-    const float *x_scales = p->x_scales + (size_t)t * p->blocks;
-    __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps();
+    __m512 f0[TOKEN_BLOCK], f1[TOKEN_BLOCK];
+    for (int t = 0; t < tokens; t++) f0[t] = f1[t] = _mm512_setzero_ps();
     for (int b = 0; b < p->blocks; b++, w0 += step, w1 += step) {
         for (size_t at = 0; at < step; at += 64) {
             _mm_prefetch((const char *)w0 + PREFETCH_BYTES + at, _MM_HINT_T0);
             _mm_prefetch((const char *)w1 + PREFETCH_BYTES + at, _MM_HINT_T0);
         }
-        __m512i d0, d1;
-        if (p->bits == 4) dot_int4(w0, w1, x + b * words, chunks, &d0, &d1);
-        else dot_int8(w0, w1, x + b * words, chunks, &d0, &d1);
-        const __m512i zero = _mm512_set1_epi32(x_zeros[b]);
-        const __m512 x_scale = _mm512_set1_ps(x_scales[b]);
-        f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d0, zero)),
-                             _mm512_mul_ps(_mm512_loadu_ps(s0 + b * GROUP), x_scale), f0);
-        f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d1, zero)),
-                             _mm512_mul_ps(_mm512_loadu_ps(s1 + b * GROUP), x_scale), f1);
+        const int *x[TOKEN_BLOCK];
+        for (int t = 0; t < tokens; t++) x[t] = p->words + (size_t)(t0 + t) * (p->cols / 4) + b * words;
+        __m512i d0[TOKEN_BLOCK], d1[TOKEN_BLOCK];
+        if (p->bits == 4) dot_int4(w0, w1, x, tokens, chunks, d0, d1);
+        else dot_int8(w0, w1, x, tokens, chunks, d0, d1);
+        const __m512 scale0 = _mm512_loadu_ps(s0 + b * GROUP), scale1 = _mm512_loadu_ps(s1 + b * GROUP);
+        for (int t = 0; t < tokens; t++) {
+            const size_t at = (size_t)(t0 + t) * p->blocks + b;
+            const __m512i zero = _mm512_set1_epi32(p->x_zeros[at]);
+            const __m512 x_scale = _mm512_set1_ps(p->x_scales[at]);
+            f0[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d0[t], zero)), _mm512_mul_ps(scale0, x_scale),
+                                    f0[t]);
+            f1[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d1[t], zero)), _mm512_mul_ps(scale1, x_scale),
+                                    f1[t]);
+        }
     }
-    _mm512_storeu_ps(out, f0);
-    _mm512_storeu_ps(out + GROUP, f1);
+    for (int t = 0; t < tokens; t++) {
+        _mm512_storeu_ps(out[t], f0[t]);
+        _mm512_storeu_ps(out[t] + GROUP, f1[t]);
+    }
+}
+
+static void pair_one(const struct product *p, int pair, int t0, float *const *out) { pair_rows(p, pair, t0, 1, out); }
+static void pair_block(const struct product *p, int pair, int t0, float *const *out) {
+    pair_rows(p, pair, t0, TOKEN_BLOCK, out);
 }
 #pragma GCC pop_options
 
 /* A pool task: units of pairs until none is left, every token's product of a pair while its
- * weights are in cache; the last pair's padding rows are dropped. */
+ * weights are in cache (TOKEN_BLOCK at a time, then one by one); the last pair's padding rows
+ * are dropped. */
 static void run_pairs(void *context) {
     struct product *p = context;
-    float tail[PAIR];
+    float tail[TOKEN_BLOCK][PAIR];
     for (int u; (u = __atomic_fetch_add(&p->next, 1, __ATOMIC_RELAXED)) < p->units;) {
         const int last = (u + 1) * UNIT_PAIRS < p->pairs ? (u + 1) * UNIT_PAIRS : p->pairs;
         for (int pair = u * UNIT_PAIRS; pair < last; pair++) {
-            const int row = pair * PAIR;
-            for (int t = 0; t < p->tokens; t++) {
-                float *y = p->y + (size_t)t * p->rows + row;
-                if (row + PAIR <= p->rows) {
-                    pair_rows(p, pair, t, y);
-                } else {
-                    pair_rows(p, pair, t, tail);
-                    memcpy(y, tail, sizeof(float) * (p->rows - row));
-                }
+            const int row = pair * PAIR, whole = row + PAIR <= p->rows;
+            for (int t = 0; t < p->tokens;) {
+                const int n = p->tokens - t >= TOKEN_BLOCK ? TOKEN_BLOCK : 1;
+                float *out[TOKEN_BLOCK];
+                for (int i = 0; i < n; i++) out[i] = whole ? p->y + (size_t)(t + i) * p->rows + row : tail[i];
+                if (n == TOKEN_BLOCK) pair_block(p, pair, t, out);
+                else pair_one(p, pair, t, out);
+                for (int i = 0; !whole && i < n; i++)
+                    memcpy(p->y + (size_t)(t + i) * p->rows + row, tail[i], sizeof(float) * (p->rows - row));
+                t += n;
             }
         }
     }
