@@ -2,7 +2,8 @@
  * INT8 codes with one scale per block of `block` inputs, symmetric (the zero points 8 and 128 that
  * ONNX Runtime's MatMulNBits implies). What runtime/linear.py runs for a decode step's linears:
  * the layers' INT4 projections and the LM head (131,072 x 3,072 for Ministral 3 3B, the step's
- * largest read); prefill's several tokens too, each pair of row groups read once for all of them.
+ * largest read); prefill's several tokens too, each pair of row groups read once for all of them
+ * and each loaded chunk of it shared by four tokens' products.
  *
  * Why a kernel of our own: on a 2-core AVX-512 host MatMulNBits (accuracy level 4) reads the INT4
  * head at ~20 GB/s where a plain read of the same bytes reaches ~30; this kernel ~27 (measured
