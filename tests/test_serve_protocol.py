@@ -120,6 +120,30 @@ def test_cli_flags(tmp_path, monkeypatch):
     assert (s.host, s.port, s.device_id, s.queue_length, s.tls_insecure) == ("10.0.0.2", 1999, "orin-7", 5, True)
 
 
+def test_the_kv_cache_setting_reaches_each_package_load(tmp_path, monkeypatch):
+    """--kv-cache (or EDGE_SDK_KV_CACHE, or the file's key) is passed to edge_sdk.load for every
+    package the daemon serves; a value the backend has no cache for is refused before loading."""
+    import edge_sdk
+    from edge_sdk.serve import cli
+
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p)
+    assert settings_from_args(p.parse_args(["pkg"])).kv_cache == "float16"
+    assert settings_from_args(p.parse_args(["pkg", "--kv-cache", "int8"])).kv_cache == "int8"
+    monkeypatch.setenv("EDGE_SDK_KV_CACHE", "float32")
+    assert settings_from_args(p.parse_args(["pkg"])).kv_cache == "float32"
+    with pytest.raises(ValidationError):
+        ServeSettings.load(None, kv_cache="int4")
+    loads = []
+    monkeypatch.setattr(edge_sdk, "load", lambda path, **options: loads.append((path, options)) or object())
+    monkeypatch.setattr("edge_sdk.serve.models.check_memory", lambda packages: None)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    models = cli.load_engines([str(tmp_path / "a"), f"second={tmp_path / 'b'}"], kv_cache="int8")
+    assert [name for name, _ in models] == [None, "second"]
+    assert loads == [(str(tmp_path / "a"), {"kv_cache": "int8"}), (str(tmp_path / "b"), {"kv_cache": "int8"})]
+
+
 def test_sd_notify(tmp_path):
     path = str(tmp_path / "n.sock")
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

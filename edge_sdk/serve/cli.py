@@ -60,9 +60,10 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
 
-def load_engine(engine: str | Path) -> Any:
-    """``edge_sdk.load(engine)`` for an engine package directory; ``module:factory`` (not an
-    existing path) imports ``module`` and calls ``factory()`` instead (tests, demos, custom models)."""
+def load_engine(engine: str | Path, **options: Any) -> Any:
+    """``edge_sdk.load(engine, **options)`` for an engine package directory; ``module:factory``
+    (not an existing path) imports ``module`` and calls ``factory()`` instead (tests, demos, custom
+    models)."""
     import edge_sdk
 
     spec = str(engine)
@@ -75,12 +76,13 @@ def load_engine(engine: str | Path) -> Any:
     load = getattr(edge_sdk, "load", None)
     if load is None:
         from edge_sdk.runtime import load  # type: ignore[attr-defined,no-redef]
-    return load(engine)
+    return load(engine, **options)
 
 
-def load_engines(specs: list[str]) -> list[tuple[str | None, Any]]:
-    """``[NAME=]PACKAGE`` specs -> (name, model) pairs, after checking that the packages fit in
-    memory together (raises ValueError, one line, before anything is loaded)."""
+def load_engines(specs: list[str], **options: Any) -> list[tuple[str | None, Any]]:
+    """``[NAME=]PACKAGE`` specs -> (name, model) pairs, each loaded with ``options``
+    (``edge_sdk.load``'s), after checking that the packages fit in memory together (raises
+    ValueError, one line, before anything is loaded)."""
     from edge_sdk.serve.models import check_memory, parse_packages
 
     pairs = parse_packages(specs)
@@ -90,7 +92,7 @@ def load_engines(specs: list[str]) -> list[tuple[str | None, Any]]:
     out = []
     for name, path in pairs:
         log.info("loading engine package %s%s", path, f" as {name}" if name else "")
-        out.append((name, load_engine(path)))
+        out.append((name, load_engine(path, **options)))
     return out
 
 
@@ -106,7 +108,7 @@ def serve(engine: Any, settings: ServeSettings | None = None, *, config_file: st
         engine = [str(engine)]
     if isinstance(engine, list) and all(isinstance(e, str) for e in engine):
         try:
-            engine = load_engines(engine)
+            engine = load_engines(engine, kv_cache=settings.kv_cache)
         except ValueError as e:
             print(f"edge-sdk serve: {e}", file=sys.stderr)
             return 2

@@ -91,6 +91,11 @@ class ServeSettings(BaseSettings):
     metrics_interval_s: float = Field(default=10.0, gt=0)
     log_level: str = "INFO"
 
+    # the models' runtime (edge_sdk.load)
+    kv_cache: Literal["float16", "int8", "float32"] = Field(
+        default="float16", description="KV cache of the CPU backend: int8 halves a long context's memory for "
+                                       "a small loss of accuracy; float32 is the exact one")
+
     # images and cameras (edge_sdk/serve/cameras.py)
     cameras: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict,
