@@ -1,4 +1,4 @@
-"""How the CPU kernels (csrc/: attention, the quantized head's product, their thread pool) are
+"""How the CPU kernels (csrc/: attention, the quantized linears' products, their thread pool) are
 built into one library: the stamp of their sources, the compiler flags, and a build with this
 host's C compiler.
 
