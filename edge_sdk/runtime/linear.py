@@ -49,7 +49,7 @@ def supports(bits: int, block: int, cols: int) -> bool:
 
 
 class LinearKernel:
-    """One quantized weight, packed for the kernel, and its product with one vector."""
+    """One quantized weight, packed for the kernel, and its products with tokens' vectors."""
 
     def __init__(self, library: ctypes.CDLL, weight: QuantizedWeight, threads: int):
         if not supports(weight.bits, weight.block, weight.cols):
@@ -148,20 +148,26 @@ def dequantize_linear_weight(graph, dq, base_dir: Path) -> QuantizedWeight:
     cols, rows = codes.dims
     block = next(a.i for a in dq.attribute if a.name == "block_size")
     scales = numpy_helper.to_array(inits[dq.input[1]], base_dir=str(base_dir))
-    return QuantizedWeight(4, block, rows, cols, columns=(_raw_bytes(codes, base_dir), scales))
+    return QuantizedWeight(4, block, rows, cols, columns=(_stored_bytes(codes, base_dir, 0, cols * rows // 2), scales))
 
 
-def _raw_bytes(tensor, base_dir: Path) -> np.ndarray:
-    """A tensor's stored bytes as uint8, from the package's weights file or the graph."""
+def _stored_bytes(tensor, base_dir: Path, start: int, count: int) -> np.ndarray:
+    """Bytes start .. start + count - 1 of a tensor as stored (uint8), from the package's weights
+    file or the graph."""
     from onnx import TensorProto
 
     if tensor.data_location != TensorProto.EXTERNAL:
-        return np.frombuffer(tensor.raw_data, np.uint8)
-    where = {e.key: e.value for e in tensor.external_data}
-    path = Path(base_dir) / where["location"]
-    out = np.fromfile(path, np.uint8, count=int(where["length"]), offset=int(where.get("offset", 0)))
-    if out.size != int(where["length"]):
-        raise ValueError(f"{path}: ends inside {tensor.name}")
+        out = np.frombuffer(tensor.raw_data, np.uint8)[start:start + count]
+    else:
+        where = {e.key: e.value for e in tensor.external_data}
+        path = Path(base_dir) / where["location"]
+        out = np.empty(count, np.uint8)
+        with open(path, "rb") as f:
+            f.seek(int(where.get("offset", 0)) + start)
+            if f.readinto(out) != count:
+                raise ValueError(f"{path}: ends inside {tensor.name} (bytes {start}..{start + count - 1})")
+    if out.size != count:
+        raise ValueError(f"{tensor.name}: {out.size} stored bytes where {count} were read (not raw data?)")
     return out
 
 
@@ -177,7 +183,7 @@ def head_node(graph):
 def matmul_nbits_weight(graph, node, base_dir: Path) -> QuantizedWeight:
     """The weight of a MatMulNBits ``node`` of ``graph`` (a symmetric one: no zero points), its codes
     read a range of rows at a time from the package's weights file (or from the graph, if inline)."""
-    from onnx import TensorProto, numpy_helper
+    from onnx import numpy_helper
 
     attrs = {a.name: a.i for a in node.attribute}
     if len(node.input) > 3 and node.input[3]:
@@ -187,20 +193,7 @@ def matmul_nbits_weight(graph, node, base_dir: Path) -> QuantizedWeight:
     rows, cols, bits, block = attrs["N"], attrs["K"], attrs["bits"], attrs["block_size"]
     row_bytes = cols * bits // 8
     all_scales = numpy_helper.to_array(scales, base_dir=str(base_dir)).reshape(rows, -1)
-    if codes.data_location == TensorProto.EXTERNAL:
-        where = {e.key: e.value for e in codes.external_data}
-        path, offset = Path(base_dir) / where["location"], int(where.get("offset", 0))
 
-        def read_rows(r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
-            out = np.empty((r1 - r0) * row_bytes, np.uint8)
-            with open(path, "rb") as f:
-                f.seek(offset + r0 * row_bytes)
-                if f.readinto(out) != out.size:
-                    raise ValueError(f"{path}: ends inside {codes.name} (rows {r0}..{r1 - 1})")
-            return out, all_scales[r0:r1]
-    else:
-        inline = numpy_helper.to_array(codes).reshape(rows, row_bytes)
-
-        def read_rows(r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
-            return inline[r0:r1], all_scales[r0:r1]
+    def read_rows(r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+        return _stored_bytes(codes, base_dir, r0 * row_bytes, (r1 - r0) * row_bytes), all_scales[r0:r1]
     return QuantizedWeight(bits, block, rows, cols, read_rows)

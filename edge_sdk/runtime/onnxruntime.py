@@ -8,8 +8,9 @@ Three ways to run the decoder, one interface:
 - `decoder.cpu.onnx` cut at its attentions (runtime/segments.py), where the attention kernel is
   installed: a session per stretch between attentions, the kernel between them writing into KV
   buffers this backend makes for the whole context (`KernelCache`: float16 by default, int8 or
-  float32 on request) and reading only the filled rows; at accuracy level 4 the linear kernel
-  (runtime/linear.py) runs a quantized head after the last piece, where the CPU has AVX-512 VNNI;
+  float32 on request) and reading only the filled rows; at accuracy level 4, where the CPU has
+  AVX-512 VNNI, the linear kernel (runtime/linear.py) runs the INT4 linears and the quantized
+  head as steps between the pieces too;
 - `decoder.cpu.onnx` whole (CPU-profile packages; export/cpu_graph.py), where it is not:
   attention that reads the KV buffers (bound without a copy) and returns the step's new keys and
   values, which this backend writes into the buffers. They grow in 256-token steps (one copy
@@ -268,13 +269,12 @@ class OnnxRuntimeBackend:
                                                 self.threads))
                  for dq, matmul in tqdm(pairs, desc="packing INT4 linears", unit="linear", leave=False,
                                         disable=None)]  # shown on a terminal only
-        node = linear.head_node(graph)
+        node, head = linear.head_node(graph), None
         attrs = {a.name: a.i for a in node.attribute} if node is not None else {}
         if node is not None and linear.supports(attrs["bits"], attrs["block_size"], attrs["K"]):
             head = linear.LinearKernel(library, linear.matmul_nbits_weight(graph, node, path.parent), self.threads)
             steps.append(LinearStep(node.input[0], "logits", head))
-        log.info("the linear kernel runs %d INT4 linears%s", len(pairs),
-                 f" and the INT{head.bits} head" if len(steps) > len(pairs) else "")
+        log.info("the linear kernel runs %d INT4 linears%s", len(pairs), f" and the INT{head.bits} head" if head else "")
         return steps
 
     def embed(self, ids: np.ndarray) -> np.ndarray:

@@ -1,8 +1,8 @@
 """The CPU graph cut at each kernel step: ONNX Runtime runs the graph between steps (norms, the
-MLP's activation, RoPE-free glue) as one session per piece, and edge_sdk's kernels run the steps:
-each layer's attention (runtime/attention.py, over KV buffers this backend owns) and, where the
-linear kernel runs them (runtime/linear.py), the quantized linears: the layers' INT4 projections
-and the head.
+splits of packed projections, the MLP's activation) as one session per piece, and edge_sdk's
+kernels run the steps: each layer's attention (runtime/attention.py, over KV buffers this backend
+owns) and, where the linear kernel runs them (runtime/linear.py), the quantized linears: the
+layers' INT4 projections and the head.
 
 Why cut rather than run the whole graph: the graph's attention is ~20 small nodes per layer,
 whose matrix products pack the cache before reading it, at a fraction of the memory bandwidth
@@ -142,7 +142,7 @@ def cut(model, steps: list) -> list:
         wanted.append("logits")
     nodes = _live_nodes(g, wanted, set(made_by_step) | news)
     constant = _weight_only(g, nodes)
-    node_segment, segment_of = _segment_of_nodes(nodes, steps, made_by_step, constant)
+    node_segment = _segment_of_nodes(nodes, steps, made_by_step, constant)
     last_reader: dict[str, float] = {}  # tensor -> the last piece that reads it (step j: j + 0.5)
     for node in nodes:
         if id(node) in node_segment:
@@ -200,10 +200,10 @@ def _weight_only(g, nodes: list) -> set[str]:
 
 
 def _segment_of_nodes(nodes: list, steps: list, made_by_step: dict[str, int],
-                      constant: set[str]) -> tuple[dict[int, int], dict[str, int]]:
-    """(id(node) -> piece, tensor -> piece or step it is made in, as the piece after the step) for
-    the nodes that read activations: the piece after the latest step they depend on. (Weight-only
-    nodes go with whichever piece reads them.)"""
+                      constant: set[str]) -> dict[int, int]:
+    """id(node) -> piece, for the nodes that read activations: the piece after the latest step
+    they depend on. (Weight-only nodes go with whichever piece reads them.) Refuses steps that
+    read what is made after them."""
     segment_of = dict(made_by_step)
     node_segment = {}
     for node in nodes:
@@ -217,7 +217,7 @@ def _segment_of_nodes(nodes: list, steps: list, made_by_step: dict[str, int],
         if late:
             raise ValueError(f"step {i} ({', '.join(step.outputs)}) reads {', '.join(late)}, made after it; "
                              "cannot cut here")
-    return node_segment, segment_of
+    return node_segment
 
 
 def _piece(model, nodes: list, seg: int, node_segment: dict[int, int], constant: set[str],
