@@ -61,6 +61,18 @@ def test_cpu_graph_matches_standard_graph(tiny_checkpoints, build_package, monke
     _assert_fused(pkg, layers=fused.manifest.model.text.num_layers, rows_head=head in ("int4", "int8"))
 
 
+def _teacher_forced(backend, ids: np.ndarray, prefill: int) -> np.ndarray:
+    """Logits [len(ids) - prefill + 1, vocab]: after a prefill of ids[:prefill], then after each
+    later id fed one step at a time."""
+    cache = backend.new_cache()
+    logits, cache = backend.forward(backend.embed(ids[:prefill]), np.arange(prefill), cache)
+    steps = [logits]
+    for pos in range(prefill, len(ids)):
+        logits, cache = backend.forward(backend.embed(ids[pos:pos + 1]), np.array([pos]), cache)
+        steps.append(logits)
+    return np.stack(steps)
+
+
 def _assert_fused(pkg, layers: int, rows_head: bool):
     """What the rewrite fuses: every residual Add with the RMSNorm after it (all but the first
     layer's input norm and the final norm, which read no residual Add), the query scale into q's
@@ -130,13 +142,7 @@ def test_smaller_kv_caches_stay_close_to_float32(tiny_checkpoints, build_package
     for dtype in ("float32", kv_cache):
         backend = edge_sdk.load(pkg, accuracy_level=0, kv_cache=dtype).backend
         assert backend.segmented is not None and backend.cache_dtype == np.dtype(dtype)
-        cache = backend.new_cache()
-        logits, cache = backend.forward(backend.embed(ids[:12]), np.arange(12), cache)
-        steps = [logits]
-        for pos in range(12, 12 + N_NEW):
-            logits, cache = backend.forward(backend.embed(ids[pos:pos + 1]), np.array([pos]), cache)
-            steps.append(logits)
-        runs.append(np.stack(steps))
+        runs.append(_teacher_forced(backend, ids, prefill=12))
     full, small = runs
     assert (np.abs(small - full).max(axis=-1) / np.abs(full).max(axis=-1)).max() < bound
     assert (small.argmax(-1) == full.argmax(-1)).mean() >= agree
@@ -220,17 +226,8 @@ def test_the_linear_kernel_runs_the_quantized_linears(tiny_checkpoints, build_pa
     monkeypatch.setattr(linear, "available", lambda library: False)
     by_graph = edge_sdk.load(pkg, kv_cache="float32")
     assert not [step for step in by_graph.backend.segmented.steps if isinstance(step, segments.LinearStep)]
-    tokens = [1, 3, 1091, 1500, 2041, 1201, 3333] + [1000 + 37 * i for i in range(20)]
-    runs = []
-    for backend in (by_kernel.backend, by_graph.backend):
-        cache = backend.new_cache()
-        logits, cache = backend.forward(backend.embed(np.array(tokens[:7])), np.arange(7), cache)
-        steps = [logits]
-        for pos in range(7, len(tokens)):
-            logits, cache = backend.forward(backend.embed(np.array([tokens[pos]])), np.array([pos]), cache)
-            steps.append(logits)
-        runs.append(np.stack(steps))
-    got, want = runs
+    ids = np.array([1, 3, 1091, 1500, 2041, 1201, 3333] + [1000 + 37 * i for i in range(20)])
+    got, want = (_teacher_forced(backend, ids, prefill=7) for backend in (by_kernel.backend, by_graph.backend))
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
     assert (got.argmax(-1) == want.argmax(-1)).all()
 

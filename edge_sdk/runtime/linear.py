@@ -68,9 +68,10 @@ class LinearKernel:
         self._pack.restype = _INT
         if weight.columns is not None:
             self._pack_rows(weight, 0, weight.rows, *weight.columns)
-        for first in range(0, weight.rows if weight.columns is None else 0, PACK_ROWS):
-            count = min(PACK_ROWS, weight.rows - first)
-            self._pack_rows(weight, first, count, *weight.read_rows(first, first + count))
+        else:
+            for first in range(0, weight.rows, PACK_ROWS):
+                count = min(PACK_ROWS, weight.rows - first)
+                self._pack_rows(weight, first, count, *weight.read_rows(first, first + count))
 
     def _pack_rows(self, weight: QuantizedWeight, first: int, count: int, codes: np.ndarray,
                    scales: np.ndarray) -> None:
