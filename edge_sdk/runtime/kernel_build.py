@@ -57,19 +57,26 @@ def build(out: Path | None = None, compiler: str | None = None) -> Path:
     out = out or library_path()
     compiler = compiler or os.environ.get("CC", "cc")
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        made = Path(tmp) / out.name
-        cmd = [*shlex.split(compiler), *compile_flags(), "-shared", "-fPIC",
-               f'-DEDGE_KERNELS_SOURCE="{source_stamp()}"', *map(str, SOURCES), "-o", str(made),
-               *(f"-l{lib}" for lib in LIBRARIES)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-        except OSError as exc:
-            raise RuntimeError(f"no C compiler ({compiler}: {exc.strerror})") from None
-        if proc.returncode:
-            first = next((line for line in proc.stderr.splitlines() if "error" in line), proc.stderr.strip()[:300])
-            raise RuntimeError(f"{compiler} failed on {', '.join(p.name for p in SOURCES)}: {first}")
+        made, objects = Path(tmp) / out.name, [Path(tmp) / f"{source.stem}.o" for source in SOURCES]
+        # Compiled and linked apart, as setup.py does: linked with -ffast-math, the compiler adds a
+        # start-up file that sets flush-to-zero for the whole process that loads the library.
+        for source, obj in zip(SOURCES, objects):
+            _run(compiler, [*compile_flags(), "-fPIC", f'-DEDGE_KERNELS_SOURCE="{source_stamp()}"', "-c",
+                            str(source), "-o", str(obj)], source.name)
+        _run(compiler, ["-shared", *map(str, objects), "-o", str(made), *(f"-l{lib}" for lib in LIBRARIES)],
+             "the link")
         os.replace(made, out)
     return out
+
+
+def _run(compiler: str, args: list[str], what: str) -> None:
+    try:
+        proc = subprocess.run([*shlex.split(compiler), *args], capture_output=True, text=True)
+    except OSError as exc:
+        raise RuntimeError(f"no C compiler ({compiler}: {exc.strerror})") from None
+    if proc.returncode:
+        first = next((line for line in proc.stderr.splitlines() if "error" in line), proc.stderr.strip()[:300])
+        raise RuntimeError(f"{compiler} failed on {what}: {first}")
 
 
 def built_stamp(library: ctypes.CDLL) -> str:
