@@ -204,13 +204,51 @@ def test_cut_graph_runs_each_weight_once_and_no_graph_attention(tiny_checkpoints
         segments.cut(graph, steps[::-1])
 
 
+def _linear_alone(pkg, graph, step: segments.LinearStep):
+    """An ONNX Runtime session of the graph's own nodes for one linear step, at accuracy level 4
+    (its DequantizeLinear -> MatMul, which ONNX Runtime fuses as in the graph, or the MatMulNBits
+    head): the oracle for what the kernel computed in that step, from the same input."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    producer = {o: n for n in graph.graph.node for o in n.output}
+    inits = {t.name: t for t in graph.graph.initializer}
+    nodes, pending = [], [producer[step.y]]
+    while pending:  # back from y to x through the nodes that read only weights and x
+        node = pending.pop()
+        nodes.insert(0, node)
+        pending += [producer[i] for i in node.input if i and i != step.x and i not in inits]
+    weights = [numpy_helper.from_array(numpy_helper.to_array(inits[i], base_dir=str(pkg)), i)
+               for n in nodes for i in n.input if i in inits]
+    for node in nodes:
+        for a in node.attribute:
+            if a.name == "accuracy_level":
+                a.i = 4
+    model = helper.make_model(
+        helper.make_graph(nodes, "linear", [helper.make_tensor_value_info(step.x, TensorProto.FLOAT, None)],
+                          [helper.make_tensor_value_info(step.y, TensorProto.FLOAT, None)], weights),
+        opset_imports=list(graph.opset_import))
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "4")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 @pytest.mark.parametrize("head", ["int4", "int8"])
 def test_the_linear_kernel_runs_the_quantized_linears(tiny_checkpoints, build_package, monkeypatch, caplog, head):
     """At accuracy level 4 every INT4 linear of the layers and the MatMulNBits head leave the
-    pieces and the linear kernel runs them, the head making the logits: held, over a prefill and
-    20 teacher-forced steps, to the same cut graph with ONNX Runtime's MatMulNBits (the same int8
-    products: apart by float32 summation order)."""
+    pieces and the linear kernel runs them, the head making the logits. Over a prefill and 20
+    teacher-forced steps, every call is held to the graph's own nodes for that linear, run by ONNX
+    Runtime on the same input (the same int8 products: apart by float32 summation order). End to
+    end, against the same cut graph with MatMulNBits in its pieces, the paths are apart by more
+    than summation order: each quantizes its activations to int8, and where the two float32 sums
+    of a value differ in the last bit, its int8 rounding can flip (one step of its block's scale).
+    Measured: the INT4 head's logits up to 1.3e-2 of the largest, from step 5 on, where a flip
+    first happens, and the same top-1 token at 20 of 21 steps (the other: the graph's two best
+    logits 5e-3 of the largest apart); the INT8 head's 4e-7, no flip. Bounded at 5e-2 and 95 % of
+    the steps (a linear wired to a wrong tensor moves them by their whole size)."""
     import logging
+
+    import onnx
 
     pkg = build_package(tiny_checkpoints["mm_tied"], "int4", block_size=32, head=head)
     with caplog.at_level(logging.INFO, logger="edge_sdk"):
@@ -223,13 +261,38 @@ def test_the_linear_kernel_runs_the_quantized_linears(tiny_checkpoints, build_pa
     assert linears[-1].kernel.rows == by_kernel.manifest.model.text.vocab_size
     sessions = [segment.session for segment in decoder.segments if segment is not None]
     assert not [o for session in sessions for o in session.get_outputs() if o.name == "logits"]
+
+    calls = []  # (step, x, y) of every kernel call, prefill and bound decode steps alike
+    run, bind = segments.LinearStep.run, segments.LinearStep.bind
+
+    def recorded_run(self, values, *args):
+        run(self, values, *args)
+        calls.append((self, values[self.x].copy(), values[self.y].copy()))
+
+    def recorded_bind(self, arrays, caches):
+        call = bind(self, arrays, caches)
+
+        def recorded(length):
+            call(length)
+            calls.append((self, arrays[self.x].copy(), arrays[self.y].copy()))
+        return recorded
+    monkeypatch.setattr(segments.LinearStep, "run", recorded_run)
+    monkeypatch.setattr(segments.LinearStep, "bind", recorded_bind)
+    ids = np.array([1, 3, 1091, 1500, 2041, 1201, 3333] + [1000 + 37 * i for i in range(20)])
+    got = _teacher_forced(by_kernel.backend, ids, prefill=7)
+    assert len(calls) == len(linears) * 21
+    graph = onnx.load(str(pkg / "decoder.cpu.onnx"), load_external_data=False)
+    oracles = {step.y: _linear_alone(pkg, graph, step) for step in linears}
+    for step, x, y in calls:
+        want = oracles[step.y].run(None, {step.x: x})[0]
+        np.testing.assert_allclose(y, want, atol=1e-5 * np.abs(want).max(), rtol=0, err_msg=step.y)
+
     monkeypatch.setattr(linear, "available", lambda library: False)
     by_graph = edge_sdk.load(pkg, kv_cache="float32")
     assert not [step for step in by_graph.backend.segmented.steps if isinstance(step, segments.LinearStep)]
-    ids = np.array([1, 3, 1091, 1500, 2041, 1201, 3333] + [1000 + 37 * i for i in range(20)])
-    got, want = (_teacher_forced(backend, ids, prefill=7) for backend in (by_kernel.backend, by_graph.backend))
-    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
-    assert (got.argmax(-1) == want.argmax(-1)).all()
+    want = _teacher_forced(by_graph.backend, ids, prefill=7)
+    assert (np.abs(got - want).max(axis=-1) / np.abs(want).max(axis=-1)).max() < 5e-2
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
 
 
 def test_a_cpu_graph_without_attention_cuts_runs_whole(tiny_checkpoints, build_package, tmp_path, caplog):
