@@ -4,8 +4,10 @@ keys and values stored at cache positions length .. length + S - 1, then causal 
 attention, token s seeing cache positions 0 .. length + s.
 
 With a float16 or int8 cache the reference reads the cache as the kernel left it (the stored keys
-and values rounded to float16, or int8 rows times their scales), so every cache is held to the
-same tolerance: what differs is only the order of float32 sums. How well the stored rows keep
+and values rounded to float16, or int8 rows times their scales), and over an int8 cache it scores
+each rotated query row as the kernel does, as int8 codes by the cached rows' rule (the rotation
+in float32, as the kernel rounds it, so that both get the same codes). So every cache is held to
+the same tolerance: what differs is only the order of float32 sums. How well the stored rows keep
 what they were given is checked apart, against each form's rounding."""
 
 from __future__ import annotations
@@ -35,14 +37,30 @@ def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 def _reference(q, k, v, positions, tables, key_cache, length):
-    """(out [S, H*D], rotated keys [KV, S, D]) in float64; reads the values from the cache."""
+    """(rotated queries [S, H, D] as scored, rotated keys [KV, S, D]) in float64. Over an int8
+    cache the queries are their int8 codes times their scales."""
     seq, kv_heads, dim = len(positions), key_cache.shape[0], key_cache.shape[2]
     heads = q.shape[1] // dim
     t = {name: getattr(tables, name)[positions].astype(np.float64)[:, None] for name in
          ("q_cos", "q_sin", "k_cos", "k_sin")}
     qr = _rotate(q.reshape(seq, heads, dim).astype(np.float64), t["q_cos"], t["q_sin"])
     kr = _rotate(k.reshape(seq, kv_heads, dim).astype(np.float64), t["k_cos"], t["k_sin"])
+    if key_cache.dtype == np.int8:
+        qr = _int8_queries(q.reshape(seq, heads, dim), tables.q_cos[positions][:, None],
+                           tables.q_sin[positions][:, None])
     return qr, kr.transpose(1, 0, 2)
+
+
+def _int8_queries(q, cos, sin):
+    """The rotated query rows as the kernel scores them against int8 keys: rotated in float32 (each
+    product and sum rounded, as the kernel computes them), then each row's codes with its largest
+    magnitude at 127 (ties to even), times the row's scale."""
+    rotated = _rotate(q, cos, sin)
+    assert rotated.dtype == np.float32
+    top = np.abs(rotated).max(axis=-1, keepdims=True)
+    codes = np.rint(rotated * (np.float32(127) / top))
+    assert np.abs(codes).max() == 127
+    return codes.astype(np.float64) * (top / np.float32(127)).astype(np.float64)
 
 
 def _stored(cache: attention.LayerCache) -> tuple[np.ndarray, np.ndarray]:
@@ -289,6 +307,11 @@ def test_kernel_refuses_what_it_does_not_take():
                                                               np.zeros((2, 8), np.float32)), 0, q.copy())
     with pytest.raises(ValueError, match="must both be"):
         kernel(q, kv, kv, np.array([3]), attention.LayerCache(cache.keys, int8), 0, q.copy())
+    wide = attention.AttentionKernel(kernels.load(), 1, 1, 528, _tables(528, rng), 1)
+    codes, scales = np.zeros((1, 4, 528), np.int8), np.zeros((1, 4), np.float32)
+    with pytest.raises(ValueError, match="int8 KV caches take head_dim up to 512"):
+        wide.bind(*(np.zeros((1, 528), np.float32) for _ in range(3)), np.array([3]),
+                  attention.LayerCache(codes, codes.copy(), scales, scales.copy()), np.zeros((1, 528), np.float32))
     assert attention.supports(32, 8, 128) and attention.supports(4, 2, 16)
     assert not attention.supports(32, 8, 24) and not attention.supports(30, 8, 128)
 

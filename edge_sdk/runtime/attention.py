@@ -60,6 +60,7 @@ class LayerCache:
 
 
 CACHE_DTYPES = (np.float32, np.float16, np.int8)
+MAX_INT8_HEAD_DIM = 512  # csrc/attention.c: integer scores below 2^24
 
 
 class AttentionKernel:
@@ -90,6 +91,9 @@ class AttentionKernel:
         if positions.dtype != np.int64:
             raise ValueError(f"positions must be int64, not {positions.dtype}")
         cache.check()
+        if cache.keys.dtype == np.int8 and self.head_dim > MAX_INT8_HEAD_DIM:
+            raise ValueError(f"int8 KV caches take head_dim up to {MAX_INT8_HEAD_DIM} (scores stay exact in "
+                             f"float32), not {self.head_dim}")
         seq, call = q.shape[0], self._call
         head = (seq, self.heads, self.kv_heads, self.head_dim, cache.capacity)
         tail = (cache.keys.dtype.itemsize * 8, positions.ctypes.data, self.rope.rows, *self._tables, q.ctypes.data,

@@ -7,7 +7,8 @@
  * fraction of the memory bandwidth at long contexts. Here each key and value row is read once
  * per step for the G = heads / kv_heads query heads of its group, from a float32, float16 or
  * int8 cache (float16 halves the bytes a step reads, int8 halves them again: each row stored
- * with its scale, applied to the key's score and the value's weight rather than to each value).
+ * with its scale, applied to the key's score and the value's weight rather than to each value;
+ * over int8 keys the query rows are int8 codes too, so that a score is an integer dot product).
  *
  * Layouts (one sequence): q [S, heads * D], k, v [S, kv_heads * D] float32, before RoPE;
  * key_cache, value_cache [kv_heads, capacity, D]; for int8, key_scale, value_scale float32
@@ -17,7 +18,8 @@
  * 0 .. length + s.
  *
  * Work is split into (KV head, position) units over the library's thread pool (pool.h). The unit
- * is built for AVX2 and, where the CPU has it, AVX-512 (attention_unit.h).
+ * is built for AVX2, AVX-512 and AVX-512 with VNNI, and the best the CPU runs is picked
+ * (attention_unit.h).
  */
 #include <math.h>
 #include <stddef.h>
@@ -30,6 +32,7 @@
 #endif
 
 #define MAX_GROUPS 16
+#define MAX_INT8_HEAD_DIM 512 /* over an int8 cache, scores stay exact in float32 (see quantize_queries) */
 #define KEY_BLOCK 32         /* value rows per block: 8-16 KB, kept in L1 across the output slices */
 #define PREFETCH_ROWS 16     /* how far ahead of the key being scored its row is fetched */
 /* The least exponent a softmax weight is computed at: e^-87 is about float32's least normal value.
@@ -41,7 +44,12 @@
 
 struct step {
     int seq, heads, kv_heads, head_dim, capacity, length, bits; /* bits: the cache's 32, 16 or 8 */
-    const float *q; /* rotated and scaled */
+    const float *q; /* rotated and scaled; over an int8 cache, each row's int8 codes as floats */
+    /* int8 caches: each q row [seq * heads] as codes (like a cached row: largest magnitude at 127),
+     * its scale, and the sum of its codes (what scoring against keys offset by 128 adds) */
+    const signed char *q_codes;
+    const float *q_scale;
+    const int *q_sum;
     void *key_cache, *value_cache;
     float *key_scale, *value_scale; /* int8 caches: each row's scale, [kv_heads, capacity] */
     float *out;
@@ -67,14 +75,35 @@ static inline void prefetch_bytes(const void *cache, size_t offset, size_t size)
 #define UNIT(name) name##_vl16
 #include "attention_unit.h"
 #undef UNIT
+#pragma GCC pop_options
+
+/* The same with AVX-512 VNNI: int8 keys are scored by integer dot products (vpdpbusd). */
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512vnni,fma,f16c")
+#define UNIT_VNNI 1
+#define UNIT(name) name##_vnni
+#include "attention_unit.h"
+#undef UNIT
+#undef UNIT_VNNI
 #undef VL
 #pragma GCC pop_options
 #endif
 
 typedef void (*unit_fn)(const struct step *, int, int, float *);
 
+/* Plain float32 arithmetic here (no fused multiply-adds, no reciprocals): what a query row's int8
+ * codes round to must not depend on the compiler, so a reference can reproduce them. */
+#if defined(__clang__)
+#define EXACT_FLOAT _Pragma("float_control(precise, on)")
+#define EXACT_FLOAT_FUNCTION
+#else
+#define EXACT_FLOAT
+#define EXACT_FLOAT_FUNCTION __attribute__((optimize("no-fast-math", "fp-contract=off")))
+#endif
+
 /* dst = x rotated by position `pos` of (cos, sin), for `heads` heads of D values each. */
-static void rotate(float *dst, const float *x, int heads, int D, const float *cos, const float *sin, long long pos) {
+EXACT_FLOAT_FUNCTION static void rotate(float *dst, const float *x, int heads, int D, const float *cos, const float *sin, long long pos) {
+    EXACT_FLOAT
     const int half = D / 2;
     cos += pos * half;
     sin += pos * half;
@@ -85,20 +114,38 @@ static void rotate(float *dst, const float *x, int heads, int D, const float *co
         }
 }
 
-/* One row of D values into a cache of `bits`: int8 rows keep their largest magnitude at 127 and
- * store the scale back to floats (symmetric, per row: what each key's score and each value's
- * weight is multiplied by). */
+/* A row of D values as int8 codes, symmetric: its largest magnitude at 127. Returns the scale back
+ * to floats (what a key's score or a value's weight is multiplied by). */
+EXACT_FLOAT_FUNCTION static float quantize_row(const float *x, int D, signed char *codes) {
+    EXACT_FLOAT
+    float top = 0.0f;
+    for (int d = 0; d < D; d++) top = fabsf(x[d]) > top ? fabsf(x[d]) : top;
+    const float inverse = top > 0.0f ? 127.0f / top : 0.0f;
+    for (int d = 0; d < D; d++) codes[d] = (signed char)rintf(x[d] * inverse); /* to nearest, ties to even */
+    return top / 127.0f;
+}
+
+/* One row of D values into a cache of `bits` (int8 rows with their scale, per row). */
 static void store_row(void *cache, float *scales, size_t row, int D, int bits, const float *x) {
-    if (bits == 32) {
-        memcpy((float *)cache + row * D, x, sizeof(float) * D);
-    } else if (bits == 16) {
+    if (bits == 32) memcpy((float *)cache + row * D, x, sizeof(float) * D);
+    else if (bits == 16)
         for (int d = 0; d < D; d++) ((_Float16 *)cache + row * D)[d] = (_Float16)x[d];
-    } else {
-        float top = 0.0f;
-        for (int d = 0; d < D; d++) top = fabsf(x[d]) > top ? fabsf(x[d]) : top;
-        const float inverse = top > 0.0f ? 127.0f / top : 0.0f;
-        for (int d = 0; d < D; d++) ((signed char *)cache + row * D)[d] = (signed char)lrintf(x[d] * inverse);
-        scales[row] = top / 127.0f;
+    else scales[row] = quantize_row(x, D, (signed char *)cache + row * D);
+}
+
+/* Over an int8 cache, each rotated query row is quantized as a cached row is: a score is then the
+ * integer dot product of two code rows times both scales (exact in float32 as well: products
+ * of at most 127 * 127, and with keys offset by 128 at most 255 * 127: sums below 2^24 for
+ * head_dim <= 512). The codes replace the row's floats in `q` for the float units and stay as
+ * bytes for the VNNI one. */
+static void quantize_queries(float *q, size_t rows, int D, signed char *codes, float *scales, int *sums) {
+    for (size_t r = 0; r < rows; r++, q += D, codes += D) {
+        scales[r] = quantize_row(q, D, codes);
+        sums[r] = 0;
+        for (int d = 0; d < D; d++) {
+            sums[r] += codes[d];
+            q[d] = codes[d];
+        }
     }
 }
 
@@ -154,7 +201,8 @@ static void run_units(void *context) {
 
 static unit_fn pick_unit(int head_dim) {
 #if defined(__x86_64__)
-    if (head_dim % 32 == 0 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) return attend_unit_vl16;
+    if (head_dim % 32 == 0 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
+        return __builtin_cpu_supports("avx512vnni") ? attend_unit_vnni : attend_unit_vl16;
 #endif
     (void)head_dim;
     return attend_unit_vl8;
@@ -168,19 +216,27 @@ int edge_attention(int seq, int heads, int kv_heads, int head_dim, int capacity,
                    void *key_cache, void *value_cache, float *key_scale, float *value_scale, float *out,
                    int threads) {
     if (seq < 1 || kv_heads < 1 || heads % kv_heads || heads / kv_heads > MAX_GROUPS || head_dim % 16
-        || length < 0 || length + seq > capacity || (cache_bits != 8 && cache_bits != 16 && cache_bits != 32)
+        || (cache_bits == 8 && head_dim > MAX_INT8_HEAD_DIM) || length < 0 || length + seq > capacity
+        || (cache_bits != 8 && cache_bits != 16 && cache_bits != 32)
         || (cache_bits == 8 && !(key_scale && value_scale)))
         return -1;
     for (int s = 0; s < seq; s++)
         if (positions[s] < 0 || positions[s] >= rope_rows) return -1;
-    const size_t q_size = (size_t)heads * head_dim, kv_size = (size_t)kv_heads * head_dim;
-    float *rotated = malloc(sizeof(float) * (seq * q_size + kv_size));
+    const size_t q_size = (size_t)heads * head_dim, kv_size = (size_t)kv_heads * head_dim, q_rows = (size_t)seq * heads;
+    /* scratch: rotated q and k; for an int8 cache, q's codes, scales and code sums */
+    const size_t floats = seq * q_size + kv_size, codes = cache_bits == 8 ? seq * q_size : 0;
+    float *rotated = malloc(sizeof(float) * floats + (codes ? codes + q_rows * (sizeof(float) + sizeof(int)) : 0));
     if (!rotated) return -2;
-    struct step st = {seq, heads, kv_heads, head_dim, capacity, length, cache_bits, rotated, key_cache,
-                      value_cache, key_scale, value_scale, out};
+    float *q_scale = codes ? rotated + floats : NULL;
+    int *q_sum = codes ? (int *)(q_scale + q_rows) : NULL;
+    signed char *q_codes = codes ? (signed char *)(q_sum + q_rows) : NULL;
+    struct step st = {seq, heads, kv_heads, head_dim, capacity, length, cache_bits, rotated, q_codes, q_scale,
+                      q_sum, key_cache, value_cache, key_scale, value_scale, out};
     float *k_rotated = rotated + seq * q_size;
     for (int s = 0; s < seq; s++) {
         rotate(rotated + s * q_size, q + s * q_size, heads, head_dim, q_cos, q_sin, positions[s]);
+        if (codes) quantize_queries(rotated + s * q_size, heads, head_dim, q_codes + s * q_size, q_scale + s * heads,
+                                    q_sum + s * heads);
         rotate(k_rotated, k + s * kv_size, kv_heads, head_dim, k_cos, k_sin, positions[s]);
         struct step at = st;
         at.length = length + s;

@@ -1,7 +1,9 @@
 /* One work unit of the attention kernel (attention.c): the G query rows of one KV head at one
- * position of the step. Included once per instruction set, with
+ * position of the step: scores, softmax, then the weighted values. Included once per instruction
+ * set, with
  *   VL         floats per vector (8: AVX2 or NEON pairs, 16: AVX-512),
  *   UNIT(name) the name suffixed for that instruction set,
+ *   UNIT_VNNI  1 where AVX-512 VNNI scores int8 keys,
  * and the target pragma in force, so each build of it gets its own registers and loads.
  */
 
@@ -89,52 +91,205 @@ static inline __attribute__((always_inline)) UNIT(fvec) UNIT(sum_each)(UNIT(fvec
 #endif
 }
 
+/* Scores are made KEYS keys at a time: each q slice loaded serves all of them (four with AVX-512's
+ * 32 registers, two with AVX2's 16). */
+#define KEYS (VL == 16 ? 4 : 2)
+
+/* What turns a lane sum into a score: (sum - offset[g]) * scale[g], times the key row's scale
+ * over an int8 cache; `lane_*` hold them for the one-vector case (lane g * KEYS + i: group g,
+ * key i), made once per unit. */
+struct UNIT(score_scale) {
+    float offset[MAX_GROUPS], scale[MAX_GROUPS];
+    UNIT(fvec) lane_offset, lane_scale;
+};
+
+static inline __attribute__((always_inline)) struct UNIT(score_scale) UNIT(score_scale_for)(const float *offset,
+                                                                                              const float *scale,
+                                                                                              int groups) {
+    struct UNIT(score_scale) ss;
+    for (int g = 0; g < groups; g++) ss.offset[g] = offset ? offset[g] : 0.0f, ss.scale[g] = scale[g];
+    for (int l = 0; l < VL; l++) {
+        ss.lane_offset[l] = l / KEYS < groups ? ss.offset[l / KEYS] : 0.0f;
+        ss.lane_scale[l] = l / KEYS < groups ? ss.scale[l / KEYS] : 0.0f;
+    }
+    return ss;
+}
+
+/* KEYS floats repeated across a vector, loaded as one broadcast (a narrow store read back as a
+ * vector would stall on store forwarding). */
+static inline UNIT(fvec) UNIT(repeat_keys)(const float *p) {
+#if defined(__AVX512F__) && VL == 16
+    return (UNIT(fvec))_mm512_broadcast_f32x4(_mm_loadu_ps(p));
+#elif defined(__AVX__) && VL == 8
+    double pair;
+    memcpy(&pair, p, sizeof pair);
+    return (UNIT(fvec))_mm256_castpd_ps(_mm256_set1_pd(pair));
+#else
+    UNIT(fvec) x;
+    for (int l = 0; l < VL; l++) x[l] = p[l % KEYS];
+    return x;
+#endif
+}
+
+/* Scores j .. j + keys - 1 of each group from their accumulators' lane sums. */
+static inline __attribute__((always_inline)) void UNIT(store_scores)(const struct step *st, UNIT(fvec) acc[KEYS][MAX_GROUPS],
+                                                                      int keys, int groups, int bits, size_t row,
+                                                                      const struct UNIT(score_scale) *ss,
+                                                                      float *scores, int n) {
+    if (groups * KEYS == VL && keys == KEYS) { /* all KEYS scores of all groups in one vector */
+        UNIT(fvec) each[VL];
+        for (int g = 0; g < groups; g++)
+            for (int i = 0; i < KEYS; i++) each[g * KEYS + i] = acc[i][g];
+        UNIT(fvec) all = (UNIT(sum_each)(each) - ss->lane_offset) * ss->lane_scale;
+        if (bits == 8) /* the KEYS rows' scales, repeated for each group */
+            all *= UNIT(repeat_keys)(st->key_scale + row);
+        float sums[VL];
+        memcpy(sums, &all, sizeof sums);
+        for (int g = 0; g < groups; g++) memcpy(scores + (size_t)g * n, sums + g * KEYS, sizeof(float) * KEYS);
+        return;
+    }
+    for (int i = 0; i < keys; i++)
+        for (int g = 0; g < groups; g++)
+            scores[(size_t)g * n + i] = (UNIT(sum_lanes)(acc[i][g]) - ss->offset[g]) * ss->scale[g]
+                                        * (bits == 8 ? st->key_scale[row + i] : 1.0f);
+}
+
+/* Each group's scores against `keys` cache rows from `row` in float arithmetic (`keys`
+ * constant: KEYS for whole blocks, 1 for the tail, so neither carries the other's branches). */
+static inline __attribute__((always_inline)) void UNIT(score_rows)(const struct step *st, size_t row, const float *q,
+                                                                    const struct UNIT(score_scale) *ss, float *scores,
+                                                                    int n, int groups, int bits, int keys) {
+    typedef UNIT(fvec) fvec;
+    const int D = st->head_dim;
+    fvec acc[KEYS][MAX_GROUPS];
+    for (int i = 0; i < keys; i++)
+        for (int g = 0; g < groups; g++) acc[i][g] = (fvec){0};
+    for (int c = 0; c < D; c += VL) {
+        fvec key[KEYS];
+        for (int i = 0; i < keys; i++) key[i] = UNIT(load_cache)(st->key_cache, (row + i) * D + c, bits);
+        for (int g = 0; g < groups; g++) {
+            const fvec qg = UNIT(load_f32)(q + (size_t)g * D + c);
+            for (int i = 0; i < keys; i++) acc[i][g] += qg * key[i];
+        }
+    }
+    UNIT(store_scores)(st, acc, keys, groups, bits, row, ss, scores, n);
+}
+
+/* Each group's scores against cache rows row0 .. row0 + n - 1, KEYS keys at a time. */
+static inline __attribute__((always_inline)) void UNIT(score_keys)(const struct step *st, size_t row0, int n,
+                                                                    const float *q, const float *scale, float *scores,
+                                                                    int groups, int bits) {
+    const size_t row_bytes = (size_t)st->head_dim * bits / 8;
+    const struct UNIT(score_scale) ss = UNIT(score_scale_for)(NULL, scale, groups);
+    int j = 0;
+    for (; j + KEYS <= n; j += KEYS) {
+        if (j + PREFETCH_ROWS + KEYS <= n)
+            prefetch_bytes(st->key_cache, (row0 + j + PREFETCH_ROWS) * row_bytes, KEYS * row_bytes);
+        UNIT(score_rows)(st, row0 + j, q, &ss, scores + j, n, groups, bits, KEYS);
+    }
+    for (; j < n; j++) UNIT(score_rows)(st, row0 + j, q, &ss, scores + j, n, groups, bits, 1);
+}
+
+#if UNIT_VNNI
+/* The same over int8 keys with integer dot products: vpdpbusd multiplies unsigned bytes by signed
+ * ones, so each key byte is offset by 128 (its sign bit flipped) and 128 times the sum of q's
+ * codes taken off each score. D % 64 == 0. */
+static inline __attribute__((always_inline)) void UNIT(score_int8_rows)(const struct step *st, size_t row,
+                                                                         const signed char *q,
+                                                                         const struct UNIT(score_scale) *ss,
+                                                                         float *scores, int n, int groups, int keys) {
+    const int D = st->head_dim;
+    const signed char *keys_at = (const signed char *)st->key_cache + row * D;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512i acc[KEYS][MAX_GROUPS];
+    for (int i = 0; i < keys; i++)
+        for (int g = 0; g < groups; g++) acc[i][g] = _mm512_setzero_si512();
+    for (int c = 0; c < D; c += 64) {
+        __m512i key[KEYS];
+        for (int i = 0; i < keys; i++) key[i] = _mm512_xor_si512(_mm512_loadu_si512(keys_at + (size_t)i * D + c), flip);
+        for (int g = 0; g < groups; g++) {
+            const __m512i qg = _mm512_loadu_si512(q + (size_t)g * D + c);
+            for (int i = 0; i < keys; i++) acc[i][g] = _mm512_dpbusd_epi32(acc[i][g], key[i], qg);
+        }
+    }
+    UNIT(fvec) sums[KEYS][MAX_GROUPS];
+    for (int i = 0; i < keys; i++)
+        for (int g = 0; g < groups; g++) sums[i][g] = (UNIT(fvec))_mm512_cvtepi32_ps(acc[i][g]);
+    UNIT(store_scores)(st, sums, keys, groups, 8, row, ss, scores, n);
+}
+
+static inline __attribute__((always_inline)) void UNIT(score_int8_keys)(const struct step *st, size_t row0, int n,
+                                                                         const signed char *q, const int *q_sum,
+                                                                         const float *scale, float *scores,
+                                                                         int groups) {
+    const int D = st->head_dim;
+    float offset[MAX_GROUPS];
+    for (int g = 0; g < groups; g++) offset[g] = 128.0f * (float)q_sum[g];
+    const struct UNIT(score_scale) ss = UNIT(score_scale_for)(offset, scale, groups);
+    int j = 0;
+    for (; j + KEYS <= n; j += KEYS) {
+        if (j + PREFETCH_ROWS + KEYS <= n)
+            prefetch_bytes(st->key_cache, (row0 + j + PREFETCH_ROWS) * D, (size_t)KEYS * D);
+        UNIT(score_int8_rows)(st, row0 + j, q, &ss, scores + j, n, groups, KEYS);
+    }
+    for (; j < n; j++) UNIT(score_int8_rows)(st, row0 + j, q, &ss, scores + j, n, groups, 1);
+}
+#endif
+
+/* out = P V over blocks of KEY_BLOCK keys: a block's value rows stay in L1 while each slice of
+ * `width` vectors of the G output rows is accumulated in registers (4 with AVX-512 for up to four
+ * groups: 16 accumulators, one broadcast weight per four products). */
+static inline __attribute__((always_inline)) void UNIT(weigh_values)(const struct step *st, size_t row0, int n,
+                                                                      const float *weights, const float *inv,
+                                                                      float *out, int groups, int bits, int width) {
+    typedef UNIT(fvec) fvec;
+    const int D = st->head_dim;
+    const size_t row_bytes = (size_t)D * bits / 8;
+    for (int j0 = 0; j0 < n; j0 += KEY_BLOCK) {
+        const int j1 = j0 + KEY_BLOCK < n ? j0 + KEY_BLOCK : n;
+        for (int c = 0; c < D; c += width * VL) {
+            fvec acc[4][MAX_GROUPS];
+            for (int g = 0; g < groups; g++)
+                for (int w = 0; w < width; w++)
+                    acc[w][g] = j0 ? UNIT(load_f32)(out + (size_t)g * D + c + w * VL) : (fvec){0};
+            for (int j = j0; j < j1; j++) {
+                const size_t base = (row0 + j) * D + c;
+                if (c == 0 && j + KEY_BLOCK < n)
+                    prefetch_bytes(st->value_cache, (row0 + j + KEY_BLOCK) * row_bytes, row_bytes);
+                fvec v[4];
+                for (int w = 0; w < width; w++) v[w] = UNIT(load_cache)(st->value_cache, base + w * VL, bits);
+                for (int g = 0; g < groups; g++) {
+                    const float p = weights[(size_t)g * n + j];
+                    for (int w = 0; w < width; w++) acc[w][g] += p * v[w];
+                }
+            }
+            for (int g = 0; g < groups; g++)
+                for (int w = 0; w < width; w++) {
+                    const fvec a = j1 == n ? acc[w][g] * inv[g] : acc[w][g];
+                    memcpy(out + (size_t)g * D + c + w * VL, &a, sizeof a);
+                }
+        }
+    }
+}
+
 /* scores: G * (length + s + 1) floats of scratch. Always inlined with constant `groups` and
  * `bits`, so each case gets its own unrolled copy. */
 static inline __attribute__((always_inline)) void UNIT(attend)(const struct step *st, int h, int s, float *scores,
                                                                 int groups, int bits) {
-    typedef UNIT(fvec) fvec;
     const int D = st->head_dim, n = st->length + s + 1;
-    const size_t row0 = (size_t)h * st->capacity, row_bytes = (size_t)D * bits / 8;
-    const size_t first = ((size_t)s * st->heads + (size_t)h * groups) * D;
+    const size_t row0 = (size_t)h * st->capacity;
+    const size_t q_row = (size_t)s * st->heads + (size_t)h * groups, first = q_row * D;
     const float *q = st->q + first;
     float *out = st->out + first;
 
-    /* Scores, KEYS keys at a time: each q slice loaded serves all of them (four with AVX-512's
-     * 32 registers, two with AVX2's 16). */
-    enum { KEYS = VL == 16 ? 4 : 2 };
-    for (int j = 0; j < n; j += KEYS) {
-        const int keys = n - j < KEYS ? n - j : KEYS;
-        fvec acc[KEYS][MAX_GROUPS] = {{{0}}};
-        const size_t base = (row0 + j) * D;
-        if (j + PREFETCH_ROWS + KEYS <= n)
-            prefetch_bytes(st->key_cache, (row0 + j + PREFETCH_ROWS) * row_bytes, KEYS * row_bytes);
-        for (int c = 0; c < D; c += VL) {
-            fvec key[KEYS];
-            for (int i = 0; i < KEYS; i++)
-                key[i] = i < keys ? UNIT(load_cache)(st->key_cache, base + (size_t)i * D + c, bits) : (fvec){0};
-            for (int g = 0; g < groups; g++) {
-                fvec qg = UNIT(load_f32)(q + (size_t)g * D + c);
-                for (int i = 0; i < KEYS; i++) acc[i][g] += qg * key[i];
-            }
-        }
-        if (groups * KEYS == VL && keys == KEYS) { /* all KEYS scores of all groups in one vector */
-            fvec each[VL];
-            for (int g = 0; g < groups; g++)
-                for (int i = 0; i < KEYS; i++) each[g * KEYS + i] = acc[i][g];
-            float sums[VL];
-            fvec all = UNIT(sum_each)(each);
-            memcpy(sums, &all, sizeof sums);
-            for (int g = 0; g < groups; g++)
-                for (int i = 0; i < KEYS; i++)
-                    scores[(size_t)g * n + j + i] = sums[g * KEYS + i] * (bits == 8 ? st->key_scale[row0 + j + i] : 1.0f);
-            continue;
-        }
-        for (int i = 0; i < keys; i++) {
-            const float scale = bits == 8 ? st->key_scale[row0 + j + i] : 1.0f;
-            for (int g = 0; g < groups; g++) scores[(size_t)g * n + j + i] = UNIT(sum_lanes)(acc[i][g]) * scale;
-        }
-    }
+    float ones[MAX_GROUPS];
+    for (int g = 0; g < groups; g++) ones[g] = 1.0f;
+    const float *scale = bits == 8 ? st->q_scale + q_row : ones;
+#if UNIT_VNNI
+    if (bits == 8 && D % 64 == 0) UNIT(score_int8_keys)(st, row0, n, st->q_codes + first, st->q_sum + q_row, scale, scores, groups);
+    else
+#endif
+        UNIT(score_keys)(st, row0, n, q, scale, scores, groups, bits);
 
     float inv[MAX_GROUPS];
     for (int g = 0; g < groups; g++) {
@@ -148,35 +303,8 @@ static inline __attribute__((always_inline)) void UNIT(attend)(const struct step
         inv[g] = 1.0f / total;
     }
 
-    /* out = P V over blocks of KEY_BLOCK keys: a block's value rows stay in L1 while each
-     * 2 * VL-wide slice of the G output rows is accumulated in registers. */
-    for (int j0 = 0; j0 < n; j0 += KEY_BLOCK) {
-        const int j1 = j0 + KEY_BLOCK < n ? j0 + KEY_BLOCK : n;
-        for (int c = 0; c < D; c += 2 * VL) {
-            fvec lo[MAX_GROUPS], hi[MAX_GROUPS];
-            for (int g = 0; g < groups; g++) {
-                lo[g] = j0 ? UNIT(load_f32)(out + (size_t)g * D + c) : (fvec){0};
-                hi[g] = j0 ? UNIT(load_f32)(out + (size_t)g * D + c + VL) : (fvec){0};
-            }
-            for (int j = j0; j < j1; j++) {
-                const size_t base = (row0 + j) * D + c;
-                if (c == 0 && j + KEY_BLOCK < n)
-                    prefetch_bytes(st->value_cache, (row0 + j + KEY_BLOCK) * row_bytes, row_bytes);
-                fvec v0 = UNIT(load_cache)(st->value_cache, base, bits);
-                fvec v1 = UNIT(load_cache)(st->value_cache, base + VL, bits);
-                for (int g = 0; g < groups; g++) {
-                    float p = scores[(size_t)g * n + j];
-                    lo[g] += p * v0;
-                    hi[g] += p * v1;
-                }
-            }
-            for (int g = 0; g < groups; g++) {
-                fvec a = j1 == n ? lo[g] * inv[g] : lo[g], b = j1 == n ? hi[g] * inv[g] : hi[g];
-                memcpy(out + (size_t)g * D + c, &a, sizeof a);
-                memcpy(out + (size_t)g * D + c + VL, &b, sizeof b);
-            }
-        }
-    }
+    if (VL == 16 && groups <= 4 && D % (4 * VL) == 0) UNIT(weigh_values)(st, row0, n, scores, inv, out, groups, bits, 4);
+    else UNIT(weigh_values)(st, row0, n, scores, inv, out, groups, bits, 2);
 }
 
 static void UNIT(attend_unit)(const struct step *st, int h, int s, float *scores) {
@@ -188,3 +316,5 @@ static void UNIT(attend_unit)(const struct step *st, int h, int s, float *scores
     else if (st->bits == 16) UNIT(attend)(st, h, s, scores, groups, 16);
     else UNIT(attend)(st, h, s, scores, groups, 32);
 }
+
+#undef KEYS
