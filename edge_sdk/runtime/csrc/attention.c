@@ -84,7 +84,6 @@ static inline void prefetch_bytes(const void *cache, size_t offset, size_t size)
 #define UNIT(name) name##_vnni
 #include "attention_unit.h"
 #undef UNIT
-#undef UNIT_VNNI
 #undef VL
 #pragma GCC pop_options
 #endif

@@ -6,6 +6,9 @@
  *   UNIT_VNNI  1 where AVX-512 VNNI scores int8 keys,
  * and the target pragma in force, so each build of it gets its own registers and loads.
  */
+#ifndef UNIT_VNNI
+#define UNIT_VNNI 0
+#endif
 
 typedef float UNIT(fvec) __attribute__((vector_size(VL * 4)));
 typedef _Float16 UNIT(hvec) __attribute__((vector_size(VL * 2)));
@@ -95,9 +98,9 @@ static inline __attribute__((always_inline)) UNIT(fvec) UNIT(sum_each)(UNIT(fvec
  * 32 registers, two with AVX2's 16). */
 #define KEYS (VL == 16 ? 4 : 2)
 
-/* What turns a lane sum into a score: (sum - offset[g]) * scale[g], times the key row's scale
- * over an int8 cache; `lane_*` hold them for the one-vector case (lane g * KEYS + i: group g,
- * key i), made once per unit. */
+/* What turns a lane sum into a score: (sum - offset[g]) * scale[g] (none given: 0 and 1), times
+ * the key row's scale over an int8 cache; `lane_*` hold them for the one-vector case (lane
+ * g * KEYS + i: group g, key i), made once per unit. */
 struct UNIT(score_scale) {
     float offset[MAX_GROUPS], scale[MAX_GROUPS];
     UNIT(fvec) lane_offset, lane_scale;
@@ -107,7 +110,10 @@ static inline __attribute__((always_inline)) struct UNIT(score_scale) UNIT(score
                                                                                               const float *scale,
                                                                                               int groups) {
     struct UNIT(score_scale) ss;
-    for (int g = 0; g < groups; g++) ss.offset[g] = offset ? offset[g] : 0.0f, ss.scale[g] = scale[g];
+    for (int g = 0; g < groups; g++) {
+        ss.offset[g] = offset ? offset[g] : 0.0f;
+        ss.scale[g] = scale ? scale[g] : 1.0f;
+    }
     for (int l = 0; l < VL; l++) {
         ss.lane_offset[l] = l / KEYS < groups ? ss.offset[l / KEYS] : 0.0f;
         ss.lane_scale[l] = l / KEYS < groups ? ss.scale[l / KEYS] : 0.0f;
@@ -175,21 +181,6 @@ static inline __attribute__((always_inline)) void UNIT(score_rows)(const struct 
     UNIT(store_scores)(st, acc, keys, groups, bits, row, ss, scores, n);
 }
 
-/* Each group's scores against cache rows row0 .. row0 + n - 1, KEYS keys at a time. */
-static inline __attribute__((always_inline)) void UNIT(score_keys)(const struct step *st, size_t row0, int n,
-                                                                    const float *q, const float *scale, float *scores,
-                                                                    int groups, int bits) {
-    const size_t row_bytes = (size_t)st->head_dim * bits / 8;
-    const struct UNIT(score_scale) ss = UNIT(score_scale_for)(NULL, scale, groups);
-    int j = 0;
-    for (; j + KEYS <= n; j += KEYS) {
-        if (j + PREFETCH_ROWS + KEYS <= n)
-            prefetch_bytes(st->key_cache, (row0 + j + PREFETCH_ROWS) * row_bytes, KEYS * row_bytes);
-        UNIT(score_rows)(st, row0 + j, q, &ss, scores + j, n, groups, bits, KEYS);
-    }
-    for (; j < n; j++) UNIT(score_rows)(st, row0 + j, q, &ss, scores + j, n, groups, bits, 1);
-}
-
 #if UNIT_VNNI
 /* The same over int8 keys with integer dot products: vpdpbusd multiplies unsigned bytes by signed
  * ones, so each key byte is offset by 128 (its sign bit flipped) and 128 times the sum of q's
@@ -217,24 +208,34 @@ static inline __attribute__((always_inline)) void UNIT(score_int8_rows)(const st
         for (int g = 0; g < groups; g++) sums[i][g] = (UNIT(fvec))_mm512_cvtepi32_ps(acc[i][g]);
     UNIT(store_scores)(st, sums, keys, groups, 8, row, ss, scores, n);
 }
+#endif
 
-static inline __attribute__((always_inline)) void UNIT(score_int8_keys)(const struct step *st, size_t row0, int n,
-                                                                         const signed char *q, const int *q_sum,
-                                                                         const float *scale, float *scores,
-                                                                         int groups) {
-    const int D = st->head_dim;
+/* Each group's scores against cache rows row0 .. row0 + n - 1, KEYS keys at a time then a tail:
+ * over int8 keys with VNNI (`codes`, their sums `q_sum`) or in float arithmetic (`q`). */
+static inline __attribute__((always_inline)) void UNIT(score_keys)(const struct step *st, size_t row0, int n,
+                                                                    const float *q, const signed char *codes,
+                                                                    const int *q_sum, const float *scale,
+                                                                    float *scores, int groups, int bits) {
+    const size_t row_bytes = (size_t)st->head_dim * bits / 8;
     float offset[MAX_GROUPS];
-    for (int g = 0; g < groups; g++) offset[g] = 128.0f * (float)q_sum[g];
+    for (int g = 0; g < groups; g++) offset[g] = codes ? 128.0f * (float)q_sum[g] : 0.0f;
     const struct UNIT(score_scale) ss = UNIT(score_scale_for)(offset, scale, groups);
+#if UNIT_VNNI
+#define SCORE_ROWS(j, keys)                                                                                       \
+    (codes ? UNIT(score_int8_rows)(st, row0 + (j), codes, &ss, scores + (j), n, groups, keys)                      \
+           : UNIT(score_rows)(st, row0 + (j), q, &ss, scores + (j), n, groups, bits, keys))
+#else
+#define SCORE_ROWS(j, keys) UNIT(score_rows)(st, row0 + (j), q, &ss, scores + (j), n, groups, bits, keys)
+#endif
     int j = 0;
     for (; j + KEYS <= n; j += KEYS) {
         if (j + PREFETCH_ROWS + KEYS <= n)
-            prefetch_bytes(st->key_cache, (row0 + j + PREFETCH_ROWS) * D, (size_t)KEYS * D);
-        UNIT(score_int8_rows)(st, row0 + j, q, &ss, scores + j, n, groups, KEYS);
+            prefetch_bytes(st->key_cache, (row0 + j + PREFETCH_ROWS) * row_bytes, KEYS * row_bytes);
+        SCORE_ROWS(j, KEYS);
     }
-    for (; j < n; j++) UNIT(score_int8_rows)(st, row0 + j, q, &ss, scores + j, n, groups, 1);
+    for (; j < n; j++) SCORE_ROWS(j, 1);
+#undef SCORE_ROWS
 }
-#endif
 
 /* out = P V over blocks of KEY_BLOCK keys: a block's value rows stay in L1 while each slice of
  * `width` vectors of the G output rows is accumulated in registers (4 with AVX-512 for up to four
@@ -282,14 +283,10 @@ static inline __attribute__((always_inline)) void UNIT(attend)(const struct step
     const float *q = st->q + first;
     float *out = st->out + first;
 
-    float ones[MAX_GROUPS];
-    for (int g = 0; g < groups; g++) ones[g] = 1.0f;
-    const float *scale = bits == 8 ? st->q_scale + q_row : ones;
-#if UNIT_VNNI
-    if (bits == 8 && D % 64 == 0) UNIT(score_int8_keys)(st, row0, n, st->q_codes + first, st->q_sum + q_row, scale, scores, groups);
-    else
-#endif
-        UNIT(score_keys)(st, row0, n, q, scale, scores, groups, bits);
+    const float *scale = bits == 8 ? st->q_scale + q_row : NULL;
+    const int vnni = UNIT_VNNI && bits == 8 && D % 64 == 0;
+    UNIT(score_keys)(st, row0, n, q, vnni ? st->q_codes + first : NULL, vnni ? st->q_sum + q_row : NULL, scale,
+                     scores, groups, bits);
 
     float inv[MAX_GROUPS];
     for (int g = 0; g < groups; g++) {
@@ -318,3 +315,4 @@ static void UNIT(attend_unit)(const struct step *st, int h, int s, float *scores
 }
 
 #undef KEYS
+#undef UNIT_VNNI
