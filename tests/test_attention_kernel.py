@@ -43,11 +43,12 @@ def _reference(q, k, v, positions, tables, key_cache, length):
     heads = q.shape[1] // dim
     t = {name: getattr(tables, name)[positions].astype(np.float64)[:, None] for name in
          ("q_cos", "q_sin", "k_cos", "k_sin")}
-    qr = _rotate(q.reshape(seq, heads, dim).astype(np.float64), t["q_cos"], t["q_sin"])
-    kr = _rotate(k.reshape(seq, kv_heads, dim).astype(np.float64), t["k_cos"], t["k_sin"])
     if key_cache.dtype == np.int8:
         qr = _int8_queries(q.reshape(seq, heads, dim), tables.q_cos[positions][:, None],
                            tables.q_sin[positions][:, None])
+    else:
+        qr = _rotate(q.reshape(seq, heads, dim).astype(np.float64), t["q_cos"], t["q_sin"])
+    kr = _rotate(k.reshape(seq, kv_heads, dim).astype(np.float64), t["k_cos"], t["k_sin"])
     return qr, kr.transpose(1, 0, 2)
 
 
