@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+from edge_sdk.runtime.types import KV_CACHE_DTYPES
+
 EPILOG = """examples:
   edge-sdk build ./Ministral-3-3B-Instruct-2512 --quant int4 --device orin-nano-8gb
   edge-sdk generate engines/my-model --prompt "Where is the charging dock?" --max-tokens 64
@@ -40,7 +42,7 @@ def _add_backend(p: argparse.ArgumentParser, default_accuracy: int = 4, default_
     p.add_argument("--accuracy-level", type=int, default=default_accuracy, choices=[0, 1, 2, 3, 4],
                    help=f"ONNX Runtime INT4 kernel: 4 = int8 activations (fast), 0 = exact float "
                         f"(default {default_accuracy})")
-    p.add_argument("--kv-cache", default=default_kv, choices=["float16", "int8", "float32"],
+    p.add_argument("--kv-cache", default=default_kv, choices=KV_CACHE_DTYPES,
                    help="ONNX Runtime: what the KV cache holds; float16 halves what a long-context step reads, "
                         "int8 (a scale per row) halves it again, float32 keeps the graph's exact arithmetic "
                         f"(default {default_kv})")

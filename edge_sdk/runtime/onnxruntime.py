@@ -35,15 +35,11 @@ from .attention import LayerCache
 from .embedding import EmbeddingTable
 from .io_binding import bind_arrays
 from .segments import DecodeBindings, LinearStep, SegmentedDecoder
-from .types import ContextOverflowError
+from .types import KV_CACHE_DTYPES, ContextOverflowError
 
 log = logging.getLogger(__name__)
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
-#: What the attention kernel's KV buffers may hold: float16 halves the bytes a long-context step
-#: reads; int8 (each row with its scale) halves them again; float32 keeps it exactly the graph's
-#: arithmetic (for the exact tests).
-KV_CACHE_DTYPES = ("float16", "int8", "float32")
 
 
 @dataclass

@@ -6,9 +6,14 @@ The daemon, the SDK and the CLI all speak in these types, so they live apart fro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 FinishReason = Literal["stop", "length", "cancelled", "deadline"]
+#: What the CPU backend's KV cache holds (``edge_sdk.load(kv_cache=...)``, the CLI's and the
+#: daemon's ``--kv-cache``): float16 halves the bytes a long-context step reads; int8 (each row with
+#: its scale) halves them again; float32 keeps it exactly the graph's arithmetic (the exact tests).
+KVCacheDtype = Literal["float16", "int8", "float32"]
+KV_CACHE_DTYPES: tuple[str, ...] = get_args(KVCacheDtype)
 
 
 class BackendUnavailable(RuntimeError):

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from edge_sdk.protocol.topics import DEFAULT_PREFIX, check_device_id, check_prefix, sanitize_device_id
+from edge_sdk.runtime.types import KVCacheDtype
 
 _SOURCE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -92,7 +93,7 @@ class ServeSettings(BaseSettings):
     log_level: str = "INFO"
 
     # the models' runtime (edge_sdk.load)
-    kv_cache: Literal["float16", "int8", "float32"] = Field(
+    kv_cache: KVCacheDtype = Field(
         default="float16", description="KV cache of the CPU backend: int8 halves a long context's memory for "
                                        "a small loss of accuracy; float32 is the exact one")
 
