@@ -1,6 +1,6 @@
-"""How the CPU kernels (csrc/: attention, the quantized linears' products, their thread pool) are
-built into one library: the stamp of their sources, the compiler flags, and a build with this
-host's C compiler.
+"""How the CPU kernels (csrc/: attention, the quantized linears' products, their thread pool and
+int8 rule) are built into one library: the stamp of their sources, the compiler flags, and a
+build with this host's C compiler.
 
 setup.py compiles it at install with these flags and stamp; runtime/kernels.py checks the stamp at
 load, so a library left from older sources (a failed rebuild keeps the old file) is refused

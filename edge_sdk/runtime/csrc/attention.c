@@ -27,6 +27,7 @@
 #include <string.h>
 
 #include "pool.h"
+#include "quantize.h"
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -90,17 +91,9 @@ static inline void prefetch_bytes(const void *cache, size_t offset, size_t size)
 
 typedef void (*unit_fn)(const struct step *, int, int, float *);
 
-/* Plain float32 arithmetic here (no fused multiply-adds, no reciprocals): what a query row's int8
- * codes round to must not depend on the compiler, so a reference can reproduce them. */
-#if defined(__clang__)
-#define EXACT_FLOAT _Pragma("float_control(precise, on)")
-#define EXACT_FLOAT_FUNCTION
-#else
-#define EXACT_FLOAT
-#define EXACT_FLOAT_FUNCTION __attribute__((optimize("no-fast-math", "fp-contract=off")))
-#endif
-
-/* dst = x rotated by position `pos` of (cos, sin), for `heads` heads of D values each. */
+/* dst = x rotated by position `pos` of (cos, sin), for `heads` heads of D values each: plain
+ * float32 arithmetic, as in quantize.c (over an int8 cache the rotated query rows are quantized,
+ * and a reference must reproduce their codes). */
 EXACT_FLOAT_FUNCTION static void rotate(float *dst, const float *x, int heads, int D, const float *cos, const float *sin, long long pos) {
     EXACT_FLOAT
     const int half = D / 2;
@@ -113,23 +106,13 @@ EXACT_FLOAT_FUNCTION static void rotate(float *dst, const float *x, int heads, i
         }
 }
 
-/* A row of D values as int8 codes, symmetric: its largest magnitude at 127. Returns the scale back
- * to floats (what a key's score or a value's weight is multiplied by). */
-EXACT_FLOAT_FUNCTION static float quantize_row(const float *x, int D, signed char *codes) {
-    EXACT_FLOAT
-    float top = 0.0f;
-    for (int d = 0; d < D; d++) top = fabsf(x[d]) > top ? fabsf(x[d]) : top;
-    const float inverse = top > 0.0f ? 127.0f / top : 0.0f;
-    for (int d = 0; d < D; d++) codes[d] = (signed char)rintf(x[d] * inverse); /* to nearest, ties to even */
-    return top / 127.0f;
-}
-
-/* One row of D values into a cache of `bits` (int8 rows with their scale, per row). */
+/* One row of D values into a cache of `bits` (int8 rows with their scale, per row: what a key's
+ * score or a value's weight is multiplied by). */
 static void store_row(void *cache, float *scales, size_t row, int D, int bits, const float *x) {
     if (bits == 32) memcpy((float *)cache + row * D, x, sizeof(float) * D);
     else if (bits == 16)
         for (int d = 0; d < D; d++) ((_Float16 *)cache + row * D)[d] = (_Float16)x[d];
-    else scales[row] = quantize_row(x, D, (signed char *)cache + row * D);
+    else scales[row] = edge_quantize_row(x, D, (signed char *)cache + row * D, NULL);
 }
 
 /* Over an int8 cache, each rotated query row is quantized as a cached row is: a score is then the
@@ -139,12 +122,8 @@ static void store_row(void *cache, float *scales, size_t row, int D, int bits, c
  * bytes for the VNNI one. */
 static void quantize_queries(float *q, size_t rows, int D, signed char *codes, float *scales, int *sums) {
     for (size_t r = 0; r < rows; r++, q += D, codes += D) {
-        scales[r] = quantize_row(q, D, codes);
-        sums[r] = 0;
-        for (int d = 0; d < D; d++) {
-            sums[r] += codes[d];
-            q[d] = codes[d];
-        }
+        scales[r] = edge_quantize_row(q, D, codes, &sums[r]);
+        for (int d = 0; d < D; d++) q[d] = codes[d];
     }
 }
 

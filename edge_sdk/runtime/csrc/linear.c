@@ -23,7 +23,6 @@
  * first four, high nibbles the next four) or b * block + c * 4 + 0..3 (INT8). Scales: [groups,
  * blocks, 16] float32.
  */
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #if defined(__x86_64__)
@@ -31,6 +30,7 @@
 #endif
 
 #include "pool.h"
+#include "quantize.h"
 
 #define GROUP 16              /* rows summed in one vector, a lane each */
 #define PAIR (2 * GROUP)      /* rows one pass reads */
@@ -265,13 +265,8 @@ int edge_linear(int bits, int block, int rows, int cols, int tokens, const unsig
     }
     signed char *codes = (signed char *)words;
     for (size_t b = 0; b < all_blocks; b++) { /* token b / blocks, block b % blocks: x is [tokens, cols] */
-        const float *xb = x + (size_t)b * block;
-        float top = 0.0f;
-        for (int k = 0; k < block; k++) top = fabsf(xb[k]) > top ? fabsf(xb[k]) : top;
-        const float inverse = top > 0.0f ? 127.0f / top : 0.0f;
-        int sum = 0;
-        for (int k = 0; k < block; k++) sum += codes[b * block + k] = (signed char)lrintf(xb[k] * inverse);
-        x_scales[b] = top / 127.0f;
+        int sum;
+        x_scales[b] = edge_quantize_row(x + b * block, block, codes + b * block, &sum);
         x_zeros[b] = zero_point * sum;
     }
     const int pairs = (rows + PAIR - 1) / PAIR;
