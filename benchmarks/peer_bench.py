@@ -18,7 +18,8 @@ Then every system runs in a fresh process of its own interpreter (peak RSS is pe
 interleaved for --rounds rounds: a --prompt-tokens prompt, --new-tokens greedy tokens, --threads
 threads. One table: prefill and decode tok/s, time to first token, peak RSS, bytes of weights,
 decode as a share of the memory-bandwidth roofline (bandwidth measured in the same run), and the
-ratios to edge_sdk; then decode speed at each --contexts length.
+ratios to edge_sdk; then decode speed at each --contexts length, with the best last / first
+ratio each system's KV cache bytes allow at that bandwidth.
 """
 
 from __future__ import annotations
@@ -307,13 +308,32 @@ def main() -> int:
               f"{med(system, 'peak_rss_gb'):.2f} GB | {dec / roof:.0%} | {dec / med(ref, 'decode_tok_s'):.2f}x | "
               f"{pre / med(ref, 'prefill_tok_s'):.2f}x |")
     if a.contexts:
-        print_context_table(models, a)
+        print_context_table(models, a, bandwidth)
     return 0
 
 
-def print_context_table(models: dict, a) -> None:
+def kv_bytes_per_token(system: str, model: Path, layers: int) -> int:
+    """Bytes of KV cache one token adds, all layers: edge_sdk's in the KV dtype its row names
+    (int8 rows carry a float32 scale each), llama.cpp's float16 (its default), ONNX Runtime
+    GenAI's in the element type of its graph's past inputs."""
+    itemsize = 2
+    if system.startswith("edge_sdk") and system.endswith(" KV cache"):
+        itemsize = {"int8": 1, "float32": 4}[system.removesuffix(" KV cache").rsplit(", ", 1)[-1]]
+    elif system == "ORT GenAI INT4":
+        import onnx
+
+        graph = onnx.load(str(model / "model.onnx"), load_external_data=False).graph
+        past = next(i for i in graph.input if i.name.startswith("past_key_values"))
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type).itemsize
+    row = SHAPE["head_dim"] * itemsize + (4 if itemsize == 1 else 0)
+    return layers * 2 * SHAPE["kv_heads"] * row
+
+
+def print_context_table(models: dict, a, bandwidth: float) -> None:
     """Decode speed after prompts of each length, medians of interleaved rounds (a long prompt's
-    run is as exposed to the machine's noise as the short one it is divided by)."""
+    run is as exposed to the machine's noise as the short one it is divided by), and the bound on
+    the last / first ratio: each step at the last length reading its longer cache at the
+    bandwidth measured in this run, on top of a step at the first length."""
     speeds: dict[tuple[str, int], list[float]] = {}
     for r in range(a.context_rounds):
         for system, (python, model) in models.items():
@@ -324,11 +344,15 @@ def print_context_table(models: dict, a) -> None:
     first, last = a.contexts[0], a.contexts[-1]
     print(f"\ndecode tok/s after a prompt of N tokens ({a.new_tokens} new tokens, medians of {a.context_rounds} "
           "interleaved rounds)")
-    print("| system | " + " | ".join(str(c) for c in a.contexts) + f" | {last} / {first} |")
-    print("|---|" + "---|" * (len(a.contexts) + 1))
-    for system in models:
+    print("| system | " + " | ".join(str(c) for c in a.contexts) + f" | {last} / {first} | bandwidth bound | KV bytes/token |")
+    print("|---|" + "---|" * (len(a.contexts) + 3))
+    for system, (_, model) in models.items():
         med = [statistics.median(speeds[system, c]) for c in a.contexts]
-        print(f"| {system} | " + " | ".join(f"{s:.1f}" for s in med) + f" | {med[-1] / med[0]:.2f} |")
+        per_token = kv_bytes_per_token(system, model, a.layers)
+        step = 1 / med[0]
+        bound = step / (step + (last - first) * per_token / (bandwidth * 1e9))
+        print(f"| {system} | " + " | ".join(f"{s:.1f}" for s in med) + f" | {med[-1] / med[0]:.2f} | {bound:.2f} | "
+              f"{per_token / 1e3:.1f} KB |")
 
 
 if __name__ == "__main__":
