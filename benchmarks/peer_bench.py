@@ -148,11 +148,15 @@ def build_ort_genai(work: Path, ckpt: Path, peers: str, threads: int) -> Path | 
 
 # --- one measured run (in a fresh process) -------------------------------------------------------------
 
+def edge_kv_cache(system: str) -> str:
+    """The KV cache dtype an edge_sdk row runs: "edge_sdk[, <head> head][, <dtype> KV cache]"."""
+    return system.removesuffix(" KV cache").rsplit(", ", 1)[-1] if system.endswith(" KV cache") else "float16"
+
+
 def worker(system: str, model: str, prompt_len: int, new_tokens: int, threads: int) -> dict:
     ids = prompt_ids(prompt_len)
-    if system.startswith("edge_sdk"):  # "edge_sdk[, <head> head][, <dtype> KV cache]"
-        kv = system.removesuffix(" KV cache").rsplit(", ", 1)[-1] if system.endswith(" KV cache") else "float16"
-        t_first, t_end = _run_edge_sdk(model, ids, new_tokens, threads, kv)
+    if system.startswith("edge_sdk"):
+        t_first, t_end = _run_edge_sdk(model, ids, new_tokens, threads, edge_kv_cache(system))
     else:
         run = {"llama.cpp Q4_0": _run_llama_cpp, "ORT GenAI INT4": _run_ort_genai}[system]
         t_first, t_end = run(model, ids, new_tokens, threads)
@@ -317,8 +321,8 @@ def kv_bytes_per_token(system: str, model: Path, layers: int) -> int:
     (int8 rows carry a float32 scale each), llama.cpp's float16 (its default), ONNX Runtime
     GenAI's in the element type of its graph's past inputs."""
     itemsize = 2
-    if system.startswith("edge_sdk") and system.endswith(" KV cache"):
-        itemsize = {"int8": 1, "float32": 4}[system.removesuffix(" KV cache").rsplit(", ", 1)[-1]]
+    if system.startswith("edge_sdk"):
+        itemsize = {"float16": 2, "int8": 1, "float32": 4}[edge_kv_cache(system)]
     elif system == "ORT GenAI INT4":
         import onnx
 
