@@ -320,16 +320,18 @@ def kv_bytes_per_token(system: str, model: Path, layers: int) -> int:
     """Bytes of KV cache one token adds, all layers: edge_sdk's in the KV dtype its row names
     (int8 rows carry a float32 scale each), llama.cpp's float16 (its default), ONNX Runtime
     GenAI's in the element type of its graph's past inputs."""
-    itemsize = 2
+    import numpy as np
+
+    dtype = np.dtype(np.float16)
     if system.startswith("edge_sdk"):
-        itemsize = {"float16": 2, "int8": 1, "float32": 4}[edge_kv_cache(system)]
+        dtype = np.dtype(edge_kv_cache(system))
     elif system == "ORT GenAI INT4":
         import onnx
 
         graph = onnx.load(str(model / "model.onnx"), load_external_data=False).graph
         past = next(i for i in graph.input if i.name.startswith("past_key_values"))
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type).itemsize
-    row = SHAPE["head_dim"] * itemsize + (4 if itemsize == 1 else 0)
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type))
+    row = SHAPE["head_dim"] * dtype.itemsize + (4 if dtype == np.int8 else 0)
     return layers * 2 * SHAPE["kv_heads"] * row
 
 
