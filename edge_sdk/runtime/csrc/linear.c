@@ -36,7 +36,7 @@
 #define PAIR (2 * GROUP)      /* rows one pass reads */
 #define UNIT_PAIRS 16         /* pairs a thread takes at a time: 512 rows */
 #define TOKEN_BLOCK 4         /* tokens whose products share each loaded chunk of weights (prefill) */
-#define PREFETCH_BYTES 2048   /* how far ahead of its loads each stream is fetched (measured best of 1, 2, 4 KB) */
+#define PREFETCH_BYTES 2048   /* how far ahead each stream is fetched into L2 (into L1: 10-20% slower) */
 #define SERIAL_BYTES (1 << 20) /* weights smaller than this are read by one thread */
 
 struct product {
@@ -182,8 +182,8 @@ INLINE void pair_rows(const struct product *p, int pair, int t0, int tokens, flo
     for (int t = 0; t < tokens; t++) f0[t] = f1[t] = _mm512_setzero_ps();
     for (int b = 0; b < p->blocks; b++, w0 += step, w1 += step) {
         for (size_t at = 0; at < step; at += 64) {
-            _mm_prefetch((const char *)w0 + PREFETCH_BYTES + at, _MM_HINT_T0);
-            _mm_prefetch((const char *)w1 + PREFETCH_BYTES + at, _MM_HINT_T0);
+            _mm_prefetch((const char *)w0 + PREFETCH_BYTES + at, _MM_HINT_T1);
+            _mm_prefetch((const char *)w1 + PREFETCH_BYTES + at, _MM_HINT_T1);
         }
         const int *x[TOKEN_BLOCK];
         for (int t = 0; t < tokens; t++) x[t] = p->words + (size_t)(t0 + t) * (p->cols / 4) + b * words;
