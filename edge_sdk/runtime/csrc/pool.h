@@ -1,5 +1,6 @@
-/* The threads the kernels of this library share: a small pool that sleeps between calls (ONNX
- * Runtime's own threads run the rest of a step; spinning ones would steal their cores). */
+/* The threads the kernels of this library share: a small pool that spins briefly after a call,
+ * for the next one of the same step, then sleeps (ONNX Runtime's own threads run the rest of a
+ * step; threads spinning on would steal their cores). */
 #ifndef EDGE_POOL_H
 #define EDGE_POOL_H
 
