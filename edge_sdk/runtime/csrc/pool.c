@@ -4,7 +4,9 @@
  * for one of a decode step's products; the calls of a step come tens of microseconds apart, so
  * a helper still spinning takes the next at once, and the caller waiting for one that is about
  * to finish does not sleep either. Bounded, so that a pool between steps gives its core back
- * (ONNX Runtime's threads, between their nodes, do the same). */
+ * (ONNX Runtime's threads, between their nodes, do the same); and only where the caller says the
+ * kernels make up the step (edge_pool_set_spin): where ONNX Runtime's matrix products follow a
+ * kernel's call, a spinning helper would take a core from its threads. */
 #include "pool.h"
 
 #include <pthread.h>
@@ -18,7 +20,9 @@
 #endif
 
 #define MAX_THREADS 64
-#define SPIN_NS 200000L /* how long a thread spins before it sleeps: 0.2 ms */
+#define SPIN_NS 200000L /* how long a thread spins before it sleeps, where it spins: 0.2 ms */
+
+static int spin_enabled; /* edge_pool_set_spin; read racily by design: a hint */
 
 static struct {
     pthread_mutex_t lock;
@@ -34,8 +38,11 @@ static struct {
 /* One call on the pool at a time. */
 static pthread_mutex_t pool_in_use = PTHREAD_MUTEX_INITIALIZER;
 
+void edge_pool_set_spin(int spin) { __atomic_store_n(&spin_enabled, spin != 0, __ATOMIC_RELAXED); }
+
 /* A bounded spin: `while (condition && spinning(&spin))` waits for the condition to clear, up to
- * SPIN_NS. Conditions are read without the lock, a hint only: the caller checks again under it. */
+ * SPIN_NS (not at all where spinning is off). Conditions are read without the lock, a hint only:
+ * the caller checks again under it. */
 struct spin {
     struct timespec start;
     int turns;
@@ -48,6 +55,7 @@ static struct spin spin_start(void) {
 }
 
 static int spinning(struct spin *spin) {
+    if (!__atomic_load_n(&spin_enabled, __ATOMIC_RELAXED)) return 0;
     RELAX();
     if (++spin->turns % 64) return 1;
     struct timespec now;
