@@ -1,6 +1,6 @@
 /* The shared thread pool (pool.h): workers sleep on a condition variable between calls, after a
  * short spin. Why the spin: on a virtual machine, waking a thread whose core has gone idle took
- * ~80 us (measured on a 2-vCPU host, and 10-20% of the time over 300 us), against 100-1,000 us
+ * ~80 us (measured on a 2-vCPU host, and 6-20% of the time over 300 us), against 100-1,000 us
  * for one of a decode step's products; the calls of a step come tens of microseconds apart, so
  * a helper still spinning takes the next at once, and the caller waiting for one that is about
  * to finish does not sleep either. Bounded, so that a pool between steps gives its core back
@@ -40,9 +40,10 @@ static pthread_mutex_t pool_in_use = PTHREAD_MUTEX_INITIALIZER;
 
 void edge_pool_set_spin(int spin) { __atomic_store_n(&spin_enabled, spin != 0, __ATOMIC_RELAXED); }
 
+static int spin_on(void) { return __atomic_load_n(&spin_enabled, __ATOMIC_RELAXED); }
+
 /* A bounded spin: `while (condition && spinning(&spin))` waits for the condition to clear, up to
- * SPIN_NS (not at all where spinning is off). Conditions are read without the lock, a hint only:
- * the caller checks again under it. */
+ * SPIN_NS. Conditions are read without the lock, a hint only: the caller checks again under it. */
 struct spin {
     struct timespec start;
     int turns;
@@ -55,7 +56,6 @@ static struct spin spin_start(void) {
 }
 
 static int spinning(struct spin *spin) {
-    if (!__atomic_load_n(&spin_enabled, __ATOMIC_RELAXED)) return 0;
     RELAX();
     if (++spin->turns % 64) return 1;
     struct timespec now;
@@ -68,7 +68,7 @@ static void *worker(void *arg) {
     unsigned long seen = 0;
     pthread_mutex_lock(&pool.lock);
     for (;;) {
-        if (pool.generation == seen) {
+        if (pool.generation == seen && spin_on()) {
             pthread_mutex_unlock(&pool.lock);
             struct spin spin = spin_start();
             while (__atomic_load_n(&pool.generation, __ATOMIC_ACQUIRE) == seen && spinning(&spin)) continue;
@@ -125,7 +125,7 @@ void edge_pool_run(void (*task)(void *), void *context, int threads) {
     /* helpers not yet awake when the work ran out: not waited for */
     __atomic_sub_fetch(&pool.busy, pool.slots, __ATOMIC_RELAXED);
     pool.slots = 0;
-    if (pool.busy > 0) {
+    if (pool.busy > 0 && spin_on()) {
         pthread_mutex_unlock(&pool.lock);
         struct spin spin = spin_start();
         while (__atomic_load_n(&pool.busy, __ATOMIC_ACQUIRE) > 0 && spinning(&spin)) continue;
