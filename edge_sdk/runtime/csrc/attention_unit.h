@@ -227,12 +227,20 @@ static inline __attribute__((always_inline)) void UNIT(score_keys)(const struct 
 #else
 #define SCORE_ROWS(j, keys) UNIT(score_rows)(st, row0 + (j), q, &ss, scores + (j), n, groups, bits, keys)
 #endif
-    int j = 0;
-    for (; j + KEYS <= n; j += KEYS) {
-        if (j + PREFETCH_ROWS + KEYS <= n)
+    /* Two streams, the rows from 0 and those from `half`, KEYS at a time from each: a core keeps
+     * more lines in flight over two sequential reads than over one (float16 at 4,096 cached rows,
+     * cold, 6 layers: 4-10% faster on a 2-vCPU Xeon, 3 alternating rounds), then the rest. */
+    const int half = n / (2 * KEYS) * KEYS;
+    for (int j = 0; j < half; j += KEYS) {
+        if (j + PREFETCH_ROWS + KEYS <= half) {
             prefetch_bytes(st->key_cache, (row0 + j + PREFETCH_ROWS) * row_bytes, KEYS * row_bytes);
+            prefetch_bytes(st->key_cache, (row0 + half + j + PREFETCH_ROWS) * row_bytes, KEYS * row_bytes);
+        }
         SCORE_ROWS(j, KEYS);
+        SCORE_ROWS(half + j, KEYS);
     }
+    int j = 2 * half;
+    for (; j + KEYS <= n; j += KEYS) SCORE_ROWS(j, KEYS);
     for (; j < n; j++) SCORE_ROWS(j, 1);
 #undef SCORE_ROWS
 }
