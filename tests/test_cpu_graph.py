@@ -316,6 +316,30 @@ def test_a_cpu_graph_without_attention_cuts_runs_whole(tiny_checkpoints, build_p
     assert len(model.generate([1, 3, 1091, 1500], max_tokens=4, stop_token_ids=()).tokens) == 4
 
 
+def test_a_prefill_lets_go_of_each_tensor_after_its_last_reader(tiny_checkpoints, build_package, monkeypatch):
+    """A step of several tokens holds only what a later piece or kernel step still reads: when each
+    kernel step runs, every tensor still held is read by it or after it (held to the end, a
+    prompt's activations grow with the depth and the prompt: ~0.2 GB at 6 layers of 3B, 128
+    tokens). The logits are the same as ever (the tests above)."""
+    model = edge_sdk.load(build_package(tiny_checkpoints["mm_tied"], "int4", block_size=32), kv_cache="float32")
+    decoder = model.backend.segmented
+    stages = [[*(segment.inputs if segment else ()), *(decoder.steps[i].inputs if i < len(decoder.steps) else ())]
+              for i, segment in enumerate(decoder.segments)]  # piece i's reads, then step i's
+    read_from = [{"position_ids", *decoder.steps[k].inputs, *(n for stage in stages[k + 1:] for n in stage)}
+                 for k in range(len(decoder.steps))]  # position_ids: the step's argument, held by its caller
+    held = []
+    for kind in (segments.AttentionStep, segments.LinearStep):
+        def run(self, values, *args, original=kind.run):
+            held.append(set(values))
+            original(self, values, *args)
+        monkeypatch.setattr(kind, "run", run)
+    backend = model.backend
+    backend.forward(backend.embed(np.arange(1, 20)), np.arange(19), backend.new_cache())
+    assert len(held) == len(decoder.steps) > 2
+    for k, names in enumerate(held):
+        assert names <= read_from[k], f"step {k} ({type(decoder.steps[k]).__name__}) ran holding {names - read_from[k]}"
+
+
 def test_a_step_interrupted_by_another_sequence_keeps_its_own(tiny_checkpoints, build_package):
     """The daemon's worker and an in-process caller may generate on one model at once, and a step
     can be interrupted anywhere (ONNX Runtime and the kernel let go of the GIL). Made to happen at
