@@ -16,6 +16,7 @@ from edge_sdk.quant import (Fp8Linear, Int4Linear, QuantRecipe, QuantizedModel, 
                             format_report, fp8_fake_quant, layer_groups, pack_int4, quantize, quantize_fp8,
                             quantize_int4, search_scale, sqnr_db, to_e4m3, unpack_int4)
 from edge_sdk.quant.awq import awq_layer, fold
+from edge_sdk.quant.int4 import int4_codes
 from edge_sdk.tiny import make_text_checkpoint
 
 from fp8_checkpoint import make_fp8_checkpoint
@@ -142,16 +143,22 @@ def test_int4_zero_block_and_bad_shape():
 
 def test_int4_pack_layout():
     q = np.array([[-8, 7, -1, 0, 3, -3]], dtype=np.int8)
-    packed = Int4Linear(q=q, scales=np.ones((1, 1), np.float16), block=6).pack()
+    packed = Int4Linear.from_codes(q, np.ones((1, 1), np.float16), 6).packed
     assert packed.dtype == np.uint8 and packed.shape == (1, 3)
     # first element in the low nibble, two's complement: (-8, 7) -> 0x78, (-1, 0) -> 0x0F, (3, -3) -> 0xD3
     assert packed.tolist() == [[0x78, 0x0F, 0xD3]]
-    lin = quantize_int4(np.random.default_rng(2).standard_normal((16, 64)).astype(np.float32), 32)
-    p = lin.pack()
-    assert p.shape == (16, 32)
-    np.testing.assert_array_equal(unpack_int4(p), lin.q)
-    np.testing.assert_array_equal(p & 0xF, lin.q[:, 0::2].astype(np.uint8) & 0xF)
-    np.testing.assert_array_equal(p >> 4, lin.q[:, 1::2].astype(np.uint8) & 0xF)
+    w = np.random.default_rng(2).standard_normal((16, 64)).astype(np.float32)
+    lin, (codes, scales) = quantize_int4(w, 32), int4_codes(w, 32)
+    p = lin.packed
+    assert p.shape == (16, 32) and lin.shape == (16, 64)
+    np.testing.assert_array_equal(scales, lin.scales)
+    np.testing.assert_array_equal(p & 0xF, codes[:, 0::2].astype(np.uint8) & 0xF)
+    np.testing.assert_array_equal(p >> 4, codes[:, 1::2].astype(np.uint8) & 0xF)
+    np.testing.assert_array_equal(lin.q, codes)  # unpacked: every code in [-8, 7] sign-extended back
+    np.testing.assert_array_equal(unpack_int4(pack_int4(np.arange(-8, 8).reshape(2, 8))), np.arange(-8, 8).reshape(2, 8))
+    np.testing.assert_array_equal(lin.rows(3, 9).dequantize(), lin.dequantize()[3:9])
+    for rows in (3, 4, 6, 16):  # W^T packed a slice of output channels at a time, any slice size
+        np.testing.assert_array_equal(lin.packed_t(rows), pack_int4(codes.T))
     with pytest.raises(ValueError):
         pack_int4(np.array([[9, 0]]))
 
@@ -163,7 +170,7 @@ def test_int4_pack_matches_onnx_int4_tensor():
     lin = quantize_int4(np.random.default_rng(3).standard_normal((8, 64)).astype(np.float32), 32)
     t = numpy_helper.from_array(lin.q.astype(ml_dtypes.int4))
     assert t.data_type == onnx.TensorProto.INT4
-    assert t.raw_data == lin.pack().tobytes()
+    assert t.raw_data == lin.packed.tobytes()
 
 
 # -- AWQ ------------------------------------------------------------------------------------------

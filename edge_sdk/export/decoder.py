@@ -33,7 +33,7 @@ from onnx import TensorProto, helper
 
 from ..models.config import TextConfig
 from ..models.ministral3 import LINEARS
-from ..quant.int4 import Int4Linear, pack_int4, pack_uint4
+from ..quant.int4 import Int4Linear
 from ..quant.int8 import Int8Linear
 from .onnx_builder import GraphBuilder
 
@@ -49,8 +49,7 @@ def _quantized_weight_t(g: GraphBuilder, name: str, lin) -> str:
     Int8Linear (INT8) as an initializer."""
     if isinstance(lin, Int8Linear):
         return g.weight(lin.q.T, name)
-    values = np.ascontiguousarray(lin.q.T)
-    return g.raw(name, TensorProto.INT4, values.shape, pack_int4(values).data)
+    return g.raw(name, TensorProto.INT4, lin.shape[::-1], lin.packed_t().data)
 
 
 class DecoderGraph:
@@ -114,12 +113,12 @@ class DecoderGraph:
         """An INT4 / INT8 linear with W [out, in] stored as unsigned codes (zero point 8 / 128)."""
         g = self.g
         if isinstance(lin, Int4Linear):
-            data_type, codes, zero = TensorProto.UINT4, pack_uint4(lin.q), np.uint8(0x88)  # two 8s per byte
+            data_type, codes, zero = TensorProto.UINT4, lin.packed ^ np.uint8(0x88), np.uint8(0x88)  # q + 8: each nibble's top bit flipped
             zero_bytes = -(-lin.scales.size // 2)
         else:
             data_type, codes, zero = TensorProto.UINT8, lin.q.view(np.uint8) ^ np.uint8(0x80), np.uint8(128)
             zero_bytes = lin.scales.size
-        w = g.raw(f"{name}.{ROWS_SUFFIXES[0]}", data_type, lin.q.shape, np.ascontiguousarray(codes).data)
+        w = g.raw(f"{name}.{ROWS_SUFFIXES[0]}", data_type, lin.shape, np.ascontiguousarray(codes).data)
         s = g.weight(lin.scales.astype(_np_dtype(self.dtype)), f"{name}.{ROWS_SUFFIXES[1]}")
         zp = g.raw(f"{name}.{ROWS_SUFFIXES[2]}", data_type, lin.scales.shape, np.full(zero_bytes, zero).data)
         w_t = g.op("Transpose", g.op("DequantizeLinear", w, s, zp, axis=1, block_size=lin.block), perm=[1, 0])
@@ -134,8 +133,8 @@ class DecoderGraph:
         if not (same_kind or all(isinstance(lin, np.ndarray) for lin in lins)):
             return [self._linear(x, n) for n in names]
         if same_kind:
-            fused = Int4Linear(q=np.concatenate([lin.q for lin in lins]),
-                               scales=np.concatenate([lin.scales for lin in lins]), block=lins[0].block)
+            fused = Int4Linear(np.concatenate([lin.packed for lin in lins]), np.concatenate([lin.scales for lin in lins]),
+                               lins[0].block)
         else:
             fused = np.concatenate(lins)
         name = names[0].rsplit(".", 1)[0] + "." + "_".join(n.rsplit(".", 1)[1].replace("_proj", "") for n in names)

@@ -35,7 +35,7 @@ from typing import Callable, Literal
 import numpy as np
 
 from ..models.config import TextConfig
-from .int4 import quantize_int4
+from .int4 import dequantize_blocks, int4_codes
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def layer_groups(cfg: TextConfig, layer: int) -> list[AwqGroup]:
 
 
 def _quant_dequant(block: int) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda w: quantize_int4(w, block).dequantize()
+    return lambda w: dequantize_blocks(*int4_codes(w, block), block)
 
 
 #: Output rows the alpha ranking looks at (of the group's concatenated weights).

@@ -11,7 +11,7 @@ d in 7, 7.5, 8, 8.5, 9 (the larger divisors clip the extreme value to the edge c
 ~1 dB weight SQNR over ``max|w|/7`` (e.g. 18.6 -> 19.9 dB for Gaussian weights at block 128).
 Errors are measured with the fp16-rounded scale, i.e. what the engine will actually use.
 
-`Int4Linear.pack()` gives ONNX's int4 layout: two values per byte, the element with the even
+`Int4Linear.packed` holds ONNX's int4 layout: two values per byte, the element with the even
 index in the low nibble, two's complement nibbles. ml_dtypes' int4 stores one value per byte, so
 the packing is done by hand here.
 """
@@ -28,18 +28,13 @@ INT4_MIN, INT4_MAX = -8, 7
 _DIVISORS = (7.0, 7.5, 8.0, 8.5, 9.0)
 
 
-@dataclass
 class BlockQuantized:
-    """A block-quantized linear: integer codes ``q`` [out, in] and float16 ``scales`` [out, in //
-    block], W ~= q * scale of its block (int4 here, int8 in int8.py)."""
-
-    q: np.ndarray
-    scales: np.ndarray
-    block: int
+    """What block-quantized linears share: integer codes ``q`` [out, in] and float16 ``scales``
+    [out, in // block], W ~= q * scale of its block (Int4Linear here, Int8Linear in int8.py)."""
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)
+        return self.scales.shape[0], self.scales.shape[1] * self.block
 
     def dequantize(self) -> np.ndarray:
         """float32 [out, in]."""
@@ -48,11 +43,37 @@ class BlockQuantized:
 
 @dataclass
 class Int4Linear(BlockQuantized):
-    """``q`` int8 in [-8, 7]."""
+    """Codes in [-8, 7] held two to a byte, ``packed`` uint8 [out, in // 2] (ONNX's int4 form:
+    element 2k in the low nibble of byte k): a build holds every layer's codes until the export,
+    and as int8 they were most of its memory's growth with depth (~116 MB a layer of 3B)."""
 
-    def pack(self) -> np.ndarray:
-        """uint8 [out, in // 2]: ONNX int4 packing, element 2k in the low nibble of byte k."""
-        return pack_int4(self.q)
+    packed: np.ndarray
+    scales: np.ndarray
+    block: int
+
+    @classmethod
+    def from_codes(cls, q: np.ndarray, scales: np.ndarray, block: int) -> Int4Linear:
+        return cls(pack_int4(q), scales, block)
+
+    @property
+    def q(self) -> np.ndarray:
+        """The int8 codes [out, in], unpacked (a new array each time)."""
+        return unpack_int4(self.packed)
+
+    def rows(self, r0: int, r1: int) -> Int4Linear:
+        return Int4Linear(self.packed[r0:r1], self.scales[r0:r1], self.block)
+
+    def packed_t(self, rows: int = 4096) -> np.ndarray:
+        """W^T's codes [in, out], packed along ``out``: made ``rows`` output channels at a time, so
+        a head's transpose never holds its int8 codes whole."""
+        out, n = self.shape
+        if out % 2:
+            raise ValueError(f"cannot pack W^T of an int4 weight with {out} output channels: the count must be even")
+        t, step = np.empty((n, out // 2), np.uint8), rows + rows % 2  # slices start on a byte
+        for r0 in range(0, out, step):
+            r1 = min(out, r0 + step)
+            t[:, r0 // 2:r1 // 2] = pack_int4(unpack_int4(self.packed[r0:r1]).T)
+        return t
 
 
 def dequantize_blocks(q: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:
@@ -73,21 +94,14 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
     return (u[..., 0::2] & 0xF) | (u[..., 1::2] << 4)
 
 
-def pack_uint4(q: np.ndarray) -> np.ndarray:
-    """Pack int4 values as unsigned codes q + 8 (zero point 8, MatMulNBits' form), two per byte:
-    flipping each nibble's top bit of the two's complement packing adds 8."""
-    return pack_int4(q) ^ np.uint8(0x88)
-
-
 def unpack_int4(packed: np.ndarray) -> np.ndarray:
-    """Inverse of `pack_int4`: int8 values in [-8, 7], last dimension doubled."""
-    p = np.asarray(packed, dtype=np.uint8)
-    lo = (p & 0xF).astype(np.int8)
-    hi = (p >> 4).astype(np.int8)
+    """Inverse of `pack_int4`: int8 values in [-8, 7], last dimension doubled (each nibble
+    sign-extended by arithmetic shifts of the signed byte)."""
+    p = np.asarray(packed, dtype=np.uint8).view(np.int8)
     out = np.empty(p.shape[:-1] + (2 * p.shape[-1],), dtype=np.int8)
-    out[..., 0::2] = lo
-    out[..., 1::2] = hi
-    return np.where(out > 7, out - 16, out).astype(np.int8)
+    np.right_shift(np.left_shift(p, 4), 4, out=out[..., 0::2])
+    np.right_shift(p, 4, out=out[..., 1::2])
+    return out
 
 
 def _codes(wb: np.ndarray, scale: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -129,8 +143,9 @@ def float_rows(w: np.ndarray, r: tuple[int, int]) -> np.ndarray:
     return np.asarray(w[r[0]:r[1]], dtype=np.float32)
 
 
-def quantize_int4(w: np.ndarray, block: int) -> Int4Linear:
-    """Quantize a float weight [out, in] block-wise along `in`; see the module doc for the scale."""
+def int4_codes(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block-wise int8 codes in [-8, 7] [out, in] and float16 scales of a float weight [out, in];
+    see the module doc for the scale."""
     if np.ndim(w) != 2:
         raise ValueError(f"int4 quantization needs a 2-D weight [out, in], got shape {np.shape(w)}")
     out, n = w.shape
@@ -152,7 +167,12 @@ def quantize_int4(w: np.ndarray, block: int) -> Int4Linear:
     else:  # NumPy ufuncs release the GIL: slices run on several cores
         with ThreadPoolExecutor(min(_THREADS, len(chunks))) as pool:
             list(pool.map(run, chunks))
-    return Int4Linear(q=q, scales=scales, block=block)
+    return q, scales
+
+
+def quantize_int4(w: np.ndarray, block: int) -> Int4Linear:
+    """Quantize a float weight [out, in] block-wise along `in` (`int4_codes`), packed."""
+    return Int4Linear.from_codes(*int4_codes(w, block), block)
 
 
 _THREADS = max(1, min(8, os.cpu_count() or 1))

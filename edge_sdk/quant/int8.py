@@ -15,6 +15,13 @@ from .int4 import BlockQuantized, float_rows, row_chunks
 class Int8Linear(BlockQuantized):
     """``q`` int8 in [-127, 127]."""
 
+    q: np.ndarray
+    scales: np.ndarray
+    block: int
+
+    def rows(self, r0: int, r1: int) -> Int8Linear:
+        return Int8Linear(self.q[r0:r1], self.scales[r0:r1], self.block)
+
 
 def quantize_int8(w: np.ndarray, block: int) -> Int8Linear:
     """Scale = max|w| / 127 per block (fp16-rounded, as the engine multiplies), codes rounded."""

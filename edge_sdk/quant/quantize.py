@@ -384,7 +384,7 @@ def measure_head(w_float: np.ndarray, head: Int4Linear | Int8Linear, hidden: np.
     err_sq = sig_sq = 0.0
     for r0 in range(0, w_float.shape[0], rows):
         wf = np.asarray(w_float[r0:r0 + rows], dtype=np.float32)
-        wq = type(head)(q=head.q[r0:r0 + rows], scales=head.scales[r0:r0 + rows], block=head.block).dequantize()
+        wq = head.rows(r0, r0 + rows).dequantize()
         err_sq += float(np.sum(np.square(wf - wq, dtype=np.float64)))
         sig_sq += float(np.sum(np.square(wf, dtype=np.float64)))
         ref, got = hidden @ wf.T, hidden @ wq.T
