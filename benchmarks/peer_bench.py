@@ -17,7 +17,7 @@ Stages, each skipped when its output exists in --work:
 Then every system runs in a fresh process of its own interpreter (peak RSS is per process),
 interleaved for --rounds rounds: a --prompt-tokens prompt, --new-tokens greedy tokens, --threads
 threads. One table: prefill and decode tok/s, time to first token, peak RSS, bytes of weights,
-decode as a share of the memory-bandwidth roofline (bandwidth measured in the same run), and the
+decode as a share of the memory-bandwidth roofline (read bandwidth measured in the same run), and the
 ratios to edge_sdk; then decode speed at each --contexts length, with the best last / first
 ratio each system's KV cache bytes allow at that bandwidth.
 """
@@ -298,7 +298,7 @@ def main() -> int:
 
     ref = "edge_sdk"
     print(f"\n{a.layers} layers of Ministral-3-3B shapes, {a.prompt_tokens} prompt tokens, {a.new_tokens} greedy new "
-          f"tokens, {a.threads} threads, medians of {a.rounds} interleaved rounds; memory bandwidth {bandwidth:.1f} GB/s")
+          f"tokens, {a.threads} threads, medians of {a.rounds} interleaved rounds; memory read bandwidth {bandwidth:.1f} GB/s")
     print(f"edge-sdk build: {build['build_s']:.0f} s, peak RSS {build['build_peak_rss_gb']:.2f} GB "
           f"(head chosen by --head auto: {build['head']})")
     print("\n| system | weights | decode tok/s | prefill tok/s | TTFT ms | peak RSS | decode of roofline | "
