@@ -298,7 +298,8 @@ def main() -> int:
 
     ref = "edge_sdk"
     print(f"\n{a.layers} layers of Ministral-3-3B shapes, {a.prompt_tokens} prompt tokens, {a.new_tokens} greedy new "
-          f"tokens, {a.threads} threads, medians of {a.rounds} interleaved rounds; memory read bandwidth {bandwidth:.1f} GB/s")
+          f"tokens, {a.threads} threads, medians of {a.rounds} interleaved rounds; "
+          f"memory read bandwidth {bandwidth:.1f} GB/s")
     print(f"edge-sdk build: {build['build_s']:.0f} s, peak RSS {build['build_peak_rss_gb']:.2f} GB "
           f"(head chosen by --head auto: {build['head']})")
     print("\n| system | weights | decode tok/s | prefill tok/s | TTFT ms | peak RSS | decode of roofline | "

@@ -155,7 +155,8 @@ def test_int4_pack_layout():
     np.testing.assert_array_equal(p & 0xF, codes[:, 0::2].astype(np.uint8) & 0xF)
     np.testing.assert_array_equal(p >> 4, codes[:, 1::2].astype(np.uint8) & 0xF)
     np.testing.assert_array_equal(lin.q, codes)  # unpacked: every code in [-8, 7] sign-extended back
-    np.testing.assert_array_equal(unpack_int4(pack_int4(np.arange(-8, 8).reshape(2, 8))), np.arange(-8, 8).reshape(2, 8))
+    every = np.arange(-8, 8).reshape(2, 8)
+    np.testing.assert_array_equal(unpack_int4(pack_int4(every)), every)
     np.testing.assert_array_equal(lin.rows(3, 9).dequantize(), lin.dequantize()[3:9])
     for rows in (3, 4, 6, 16):  # W^T packed a slice of output channels at a time, any slice size
         np.testing.assert_array_equal(lin.packed_t(rows), pack_int4(codes.T))

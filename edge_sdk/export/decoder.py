@@ -113,7 +113,8 @@ class DecoderGraph:
         """An INT4 / INT8 linear with W [out, in] stored as unsigned codes (zero point 8 / 128)."""
         g = self.g
         if isinstance(lin, Int4Linear):
-            data_type, codes, zero = TensorProto.UINT4, lin.packed ^ np.uint8(0x88), np.uint8(0x88)  # q + 8: each nibble's top bit flipped
+            # q + 8: each nibble's top bit of the two's complement packing flipped; two 8s per zero byte
+            data_type, codes, zero = TensorProto.UINT4, lin.packed ^ np.uint8(0x88), np.uint8(0x88)
             zero_bytes = -(-lin.scales.size // 2)
         else:
             data_type, codes, zero = TensorProto.UINT8, lin.q.view(np.uint8) ^ np.uint8(0x80), np.uint8(128)
@@ -133,8 +134,8 @@ class DecoderGraph:
         if not (same_kind or all(isinstance(lin, np.ndarray) for lin in lins)):
             return [self._linear(x, n) for n in names]
         if same_kind:
-            fused = Int4Linear(np.concatenate([lin.packed for lin in lins]), np.concatenate([lin.scales for lin in lins]),
-                               lins[0].block)
+            fused = Int4Linear(np.concatenate([lin.packed for lin in lins]),
+                               np.concatenate([lin.scales for lin in lins]), lins[0].block)
         else:
             fused = np.concatenate(lins)
         name = names[0].rsplit(".", 1)[0] + "." + "_".join(n.rsplit(".", 1)[1].replace("_proj", "") for n in names)
